@@ -1,0 +1,1 @@
+"""Sequence parallelism for the Stand-In DiT over torch.distributed."""

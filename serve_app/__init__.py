@@ -1,0 +1,1 @@
+"""Ray Serve application for Stand-In video generation."""
