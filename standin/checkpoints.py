@@ -1,0 +1,172 @@
+"""Strict, memory-lean loading of the official checkpoint files.
+
+Models are built on the meta device (no memory), then every tensor is read from its file
+straight into the target dtype/device and assigned to the module: there is never a second
+full copy of the weights. Any missing, unexpected or mis-shaped key is a `CheckpointError`
+that names the key and the file it came from (or should have come from).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from standin.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# Tensors by key, and the file each came from (for error messages).
+TensorSource = tuple[torch.Tensor, str]
+
+# Official Wan2.1 DiT shard names; a single-file checkpoint is accepted too.
+WAN_DIT_SHARD_PATTERN = "diffusion_pytorch_model*.safetensors"
+LFS_POINTER_PREFIX = b"version https://git-lfs"
+
+
+def check_file(path: Path, what: str) -> None:
+    """Raise a `CheckpointError` unless `path` is a real (non-pointer, non-empty) file."""
+    if not path.exists():
+        raise CheckpointError(f"missing {what}: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{what} is not a file: {path}")
+    with path.open("rb") as f:
+        head = f.read(len(LFS_POINTER_PREFIX))
+    if not head:
+        raise CheckpointError(f"{what} is empty: {path}")
+    if head == LFS_POINTER_PREFIX:
+        raise CheckpointError(
+            f"{what} is a git-lfs pointer, not the weights (run `git lfs pull`): {path}"
+        )
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device)
+
+
+def read_safetensors(
+    paths: Iterable[Path],
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    rename: Callable[[str], str | None] | None = None,
+) -> dict[str, TensorSource]:
+    """Read every tensor of the given safetensors files, converted on the way in.
+
+    `rename` maps a file key to a model key (None drops the key).
+    """
+    out: dict[str, TensorSource] = {}
+    for path in paths:
+        check_file(path, "checkpoint shard")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    name = rename(key) if rename else key
+                    if name is None:
+                        continue
+                    if name in out:
+                        raise CheckpointError(
+                            f"key {name} appears in both {out[name][1]} and {path.name}"
+                        )
+                    out[name] = (_convert(f.get_tensor(key), dtype, device), path.name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+    return out
+
+
+def read_torch_pickle(
+    path: Path,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    rename: Callable[[str], str | None] | None = None,
+) -> dict[str, TensorSource]:
+    """Read a `torch.save`d state dict (optionally under "state_dict") with weights_only=True."""
+    check_file(path, "checkpoint")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {e}") from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    out: dict[str, TensorSource] = {}
+    for key, t in obj.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path.name}: entry {key} is a {type(t).__name__}, not a tensor")
+        name = rename(key) if rename else key
+        if name is not None:
+            out[name] = (_convert(t, dtype, device), path.name)
+    return out
+
+
+def load_strict(module: nn.Module, tensors: Mapping[str, TensorSource], expected_in: str) -> None:
+    """Assign `tensors` to `module` (which may live on the meta device), strictly.
+
+    `expected_in` names where missing keys should have been found (for the error message).
+    """
+    own = module.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing {missing[0]}{more} in {expected_in}")
+    unexpected = [k for k in tensors if k not in own]
+    if unexpected:
+        k = unexpected[0]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"unexpected key {k}{more} in {tensors[k][1]}")
+    for key, param in own.items():
+        t, source = tensors[key]
+        if tuple(t.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{key} in {source} has shape {tuple(t.shape)}, the model expects {tuple(param.shape)}"
+            )
+    module.load_state_dict({k: t for k, (t, _) in tensors.items()}, strict=True, assign=True)
+
+
+def shard_files(directory: Path, pattern: str = WAN_DIT_SHARD_PATTERN) -> list[Path]:
+    """The safetensors shards of a checkpoint directory, complete per its index if it has one."""
+    index_files = sorted(directory.glob(pattern.replace("*.safetensors", "*.safetensors.index.json")))
+    if index_files:
+        with index_files[0].open() as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        paths = [directory / n for n in names]
+        for p in paths:
+            check_file(p, f"shard listed in {index_files[0].name}")
+        return paths
+    paths = sorted(directory.glob(pattern))
+    if not paths:
+        raise CheckpointError(f"no {pattern} files in {directory}")
+    return paths
+
+
+def save_safetensors_shards(
+    state_dict: Mapping[str, torch.Tensor], directory: Path, num_shards: int, stem: str
+) -> list[Path]:
+    """Write `state_dict` as `{stem}-0000i-of-0000n.safetensors` + index, the official layout."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = list(state_dict)
+    per = -(-len(keys) // num_shards)
+    weight_map: dict[str, str] = {}
+    paths = []
+    for i in range(num_shards):
+        name = f"{stem}-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        chunk = {k: state_dict[k].detach().contiguous().cpu() for k in keys[i * per : (i + 1) * per]}
+        save_file(chunk, str(directory / name))
+        weight_map.update(dict.fromkeys(chunk, name))
+        paths.append(directory / name)
+    with (directory / f"{stem}.safetensors.index.json").open("w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    return paths
