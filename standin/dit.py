@@ -1,0 +1,347 @@
+"""The Wan2.1 text-to-video DiT with Stand-In's conditional image (identity) branch.
+
+Parameter names equal the official Wan2.1 checkpoint keys plus Stand-In's
+`blocks.{i}.self_attn.{q,k,v}_loras.{down,up}.weight`, so the released files load unchanged.
+
+Identity tokens (the VAE latent of the face, patchified like the video) use timestep 0,
+go through self-attention (with LoRA on their Q/K/V) and the FFN of every block, skip
+cross-attention, and never attend to video tokens. Their per-layer K/V therefore do not
+depend on the video, the timestep or the prompt: `WanDiT.identity_cache` computes them once
+per request, and every denoising step (positive and negative pass) reuses them exactly.
+
+Numerics follow the official model: the residual stream and adaLN modulation are float32,
+linear layers run in the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from standin.attention import attention, restricted_attention
+from standin.config import DiTConfig
+from standin.lora import LoRA
+from standin.rope import apply_rope, identity_positions, rope_angles, video_positions
+
+__all__ = ["DiTConfig", "IdentityCache", "Rope", "VideoAttention", "WanDiT"]
+
+# (cos, sin) tables [S, head_dim/2] for the tokens a forward processes.
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+# Video self-attention kernel: (q, k, v [B, S, H, D], identity (k, v) or None) -> [B, S, H, D].
+# The default is `restricted_attention`; parallel/ passes its sequence-parallel version.
+VideoAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor] | None"],
+    torch.Tensor,
+]
+
+
+@dataclass
+class IdentityCache:
+    """Per-request identity K/V of every layer; owned by the request, never by the model.
+
+    keys[i], values[i]: [B_id, S_id, H, D] (keys with RoPE applied). `video_grid` is the
+    (frames, rows, columns) token grid the identity positions were placed after: the cache
+    is valid only for videos with those rows and columns. B_id is 1 (shared by the whole batch) or B.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    video_grid: tuple[int, int, int]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[i], self.values[i]
+
+    def heads(self, start: int, stop: int) -> IdentityCache:
+        """The cache restricted to heads [start, stop) (a sequence-parallel rank's share)."""
+        return IdentityCache(
+            [k[:, :, start:stop].contiguous() for k in self.keys],
+            [v[:, :, start:stop].contiguous() for v in self.values],
+            self.video_grid,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[B] timesteps → [B, dim] float32 (cos half, then sin half), computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weights' dtype; returns float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float, lora_rank: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        if lora_rank > 0:
+            self.q_loras = LoRA(dim, dim, lora_rank)
+            self.k_loras = LoRA(dim, dim, lora_rank)
+            self.v_loras = LoRA(dim, dim, lora_rank)
+        self.has_lora = lora_rank > 0
+
+    def qkv(self, x: torch.Tensor, rope: Rope, identity: bool) -> tuple[torch.Tensor, ...]:
+        """x [B, S, C] (weights' dtype) → q, k, v [B, S, H, D]; LoRA only for identity tokens."""
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if identity and self.has_lora:
+            q = q + self.q_loras(x)
+            k = k + self.k_loras(x)
+            v = v + self.v_loras(x)
+        q = apply_rope(self.norm_q(q).unflatten(-1, (self.num_heads, -1)), *rope)
+        k = apply_rope(self.norm_k(k).unflatten(-1, (self.num_heads, -1)), *rope)
+        return q, k, v.unflatten(-1, (self.num_heads, -1))
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, H, D] → [B, S, C]."""
+        return self.o(x.flatten(-2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B, S, C], context [B, L, C] (embedded text) → [B, S, C]."""
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(context)).unflatten(-1, heads)
+        v = self.v(context).unflatten(-1, heads)
+        return self.o(attention(q, k, v).flatten(-2))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, cfg.lora_rank)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm1 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.norm2 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.norm3 = LayerNorm(dim, eps=cfg.eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def _modulation(self, t_mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """t_mod [B, 6, C] float32 → six [B, 1, C]: shift/scale/gate for attention, then FFN."""
+        return (self.modulation.float() + t_mod).chunk(6, dim=1)
+
+    def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.ffn(_cast_like(self.norm2(x) * (1 + scale) + shift, self.ffn[0]))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t_mod: torch.Tensor,
+        context: torch.Tensor,
+        rope: Rope,
+        identity_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        video_attention: VideoAttention = restricted_attention,
+    ) -> torch.Tensor:
+        """Video tokens x [B, S, C] float32 → [B, S, C] float32."""
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self._modulation(t_mod)
+        h = _cast_like(self.norm1(x) * (1 + scale_a) + shift_a, self.self_attn.q)
+        q, k, v = self.self_attn.qkv(h, rope, identity=False)
+        x = x + self.self_attn.out(video_attention(q, k, v, identity_kv)).float() * gate_a
+        x = x + self.cross_attn(_cast_like(self.norm3(x), self.cross_attn.q), context).float()
+        return x + self._ffn(x, shift_f, scale_f).float() * gate_f
+
+    def identity_forward(
+        self, x: torch.Tensor, t_mod: torch.Tensor, rope: Rope, last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Identity tokens x [B, S_id, C] float32 through this block (timestep-0 t_mod).
+
+        Returns (x after the block, K, V) with K/V [B, S_id, H, D]. Identity tokens attend
+        only to themselves and skip cross-attention. After the last block their stream is
+        dropped, so `last` skips its FFN.
+        """
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self._modulation(t_mod)
+        h = _cast_like(self.norm1(x) * (1 + scale_a) + shift_a, self.self_attn.q)
+        q, k, v = self.self_attn.qkv(h, rope, identity=True)
+        if last:
+            return x, k, v
+        x = x + self.self_attn.out(attention(q, k, v)).float() * gate_a
+        return x + self._ffn(x, shift_f, scale_f).float() * gate_f, k, v
+
+
+def _cast_like(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return x.to(layer.weight.dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """x [B, S, C] float32, t_emb [B, C] float32 → [B, S, out_dim * prod(patch)]."""
+        shift, scale = (self.modulation.float() + t_emb[:, None, :]).chunk(2, dim=1)
+        return self.head(_cast_like(self.norm(x) * (1 + scale) + shift, self.head))
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 T2V DiT + Stand-In identity branch. Holds weights only, no request state."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, c.dim * 6))
+        self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.num_layers))
+        self.head = Head(c)
+
+    # -- pieces of the forward, public so parallel/ can compose them over shards ----------
+
+    def token_grid(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        """(frames, rows, columns) of tokens for latents of shape [..., F, H, W]."""
+        f, h, w = latent_shape[-3:]
+        pt, ph, pw = self.config.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(
+                f"latent size {(f, h, w)} is not divisible by the patch size {(pt, ph, pw)}"
+            )
+        return f // pt, h // ph, w // pw
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, F, H, W] → tokens [B, S, C] float32, in (frame, row, column) order."""
+        w = self.patch_embedding.weight
+        return self.patch_embedding(latents.to(w.dtype)).flatten(2).transpose(1, 2).float()
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, S, out_dim * prod(patch)] → [B, out_dim, F, H, W]."""
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        return rope_angles(positions, self.config.head_dim)
+
+    def video_rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
+        return self.rope(video_positions(*grid, device=device))
+
+    def time_modulation(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] → (t_emb [B, C], t_mod [B, 6, C]), both float32."""
+        emb_in = sinusoidal_embedding(self.config.freq_dim, timestep)
+        t_emb = self.time_embedding(_cast_like(emb_in, self.time_embedding[0])).float()
+        t_mod = self.time_projection(_cast_like(t_emb, self.time_projection[1])).float()
+        return t_emb, t_mod.unflatten(1, (6, self.config.dim))
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """[B, L, text_dim] → [B, L, C] in the weights' dtype."""
+        return self.text_embedding(_cast_like(context, self.text_embedding[0]))
+
+    # -- the two entry points ----------------------------------------------------------
+
+    def identity_cache(
+        self, identity_latents: torch.Tensor, latent_shape: Sequence[int]
+    ) -> IdentityCache:
+        """Run the identity tokens through every block once; keep each layer's K/V.
+
+        identity_latents: [B_id, C_in, 1, h, w], the VAE latent of the face image.
+        latent_shape: the shape of the video latents ([..., F, H, W]) it will condition;
+        identity rows/columns are placed right after that video grid.
+        """
+        if identity_latents.ndim != 5:
+            raise ValueError(
+                f"identity_latents must be [B, C, 1, h, w], got shape {tuple(identity_latents.shape)}"
+            )
+        grid = self.token_grid(latent_shape)
+        _, id_h, id_w = self.token_grid(identity_latents.shape)
+        x = self.patchify(identity_latents)
+        positions = identity_positions(id_h, id_w, grid[1], grid[2], device=x.device)
+        rope = self.rope(positions)
+        zero_t = torch.zeros(x.shape[0], device=x.device)
+        _, t_mod = self.time_modulation(zero_t)
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.identity_forward(x, t_mod, rope, last=i == len(self.blocks) - 1)
+            keys.append(k)
+            values.append(v)
+        return IdentityCache(keys, values, grid)
+
+    def check_identity(self, identity: IdentityCache, grid: tuple[int, int, int], batch: int) -> None:
+        if identity.video_grid[1:] != grid[1:]:
+            raise ValueError(
+                f"identity cache was built for a {identity.video_grid} token grid, "
+                f"the latents give {grid}: rebuild it for this video size"
+            )
+        if identity.batch_size not in (1, batch):
+            raise ValueError(
+                f"identity cache has batch {identity.batch_size}, latents have batch {batch}"
+            )
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        identity: IdentityCache | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity.
+
+        latents [B, C_in, F, H, W], timestep [B] (0…1000), context [B, L, text_dim],
+        identity: the request's cache, or None for plain Wan2.1 → [B, C_out, F, H, W] float32.
+        """
+        grid = self.token_grid(latents.shape)
+        if identity is not None:
+            self.check_identity(identity, grid, latents.shape[0])
+        x = self.patchify(latents)
+        rope = self.video_rope(grid, x.device)
+        t_emb, t_mod = self.time_modulation(timestep)
+        ctx = self.embed_text(context)
+        for i, block in enumerate(self.blocks):
+            x = block(x, t_mod, ctx, rope, identity.layer(i) if identity is not None else None)
+        return self.unpatchify(self.head(x, t_emb).float(), grid)
