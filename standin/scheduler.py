@@ -67,9 +67,7 @@ class FlowMatchSchedule:
             or not math.isfinite(denoising_strength)
             or not 0 < denoising_strength <= 1
         ):
-            raise InvalidRequestError(
-                f"denoising_strength must be in (0, 1], got {denoising_strength!r}"
-            )
+            raise InvalidRequestError(f"denoising_strength must be in (0, 1], got {denoising_strength!r}")
         if (
             isinstance(num_train_timesteps, bool)
             or not isinstance(num_train_timesteps, int)
@@ -142,9 +140,7 @@ class FlowMatchSchedule:
             ``(1 - sigmas[0]) * clean + sigmas[0] * noise``, same shape.
         """
         if clean.shape != noise.shape:
-            raise InvalidRequestError(
-                f"noise shape {tuple(noise.shape)} != clean shape {tuple(clean.shape)}"
-            )
+            raise InvalidRequestError(f"noise shape {tuple(noise.shape)} != clean shape {tuple(clean.shape)}")
         sigma = self.sigmas[0].to(clean.device)
         return (1 - sigma) * clean + sigma * noise
 
@@ -152,9 +148,7 @@ class FlowMatchSchedule:
         if isinstance(index, bool) or not isinstance(index, int):
             raise InvalidRequestError(f"step index must be an int, got {index!r}")
         if not 0 <= index < self.num_steps:
-            raise InvalidRequestError(
-                f"step index {index} out of range for a {self.num_steps}-step schedule"
-            )
+            raise InvalidRequestError(f"step index {index} out of range for a {self.num_steps}-step schedule")
 
 
 def _is_real(value: object) -> bool:

@@ -25,9 +25,7 @@ def test_sigmas_and_timesteps_follow_the_shifted_linear_schedule(num_steps, shif
     assert schedule.sigmas.shape == (num_steps + 1,)
     assert schedule.timesteps.shape == (num_steps,)
     np.testing.assert_allclose(schedule.sigmas.numpy(), expected, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(
-        schedule.timesteps.numpy(), 1000.0 * expected[:-1], rtol=0, atol=1e-9
-    )
+    np.testing.assert_allclose(schedule.timesteps.numpy(), 1000.0 * expected[:-1], rtol=0, atol=1e-9)
 
 
 def test_default_float32_schedule_is_close_to_float64():
