@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from standin.config import DiTConfig
+from standin.dit import WanDiT
 from standin.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -170,3 +173,96 @@ def save_safetensors_shards(
     with (directory / f"{stem}.safetensors.index.json").open("w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
     return paths
+
+
+# -- the Wan2.1 DiT (+ Stand-In LoRA) -----------------------------------------------------
+
+STANDIN_LORA_FILE = "Stand-In_wan2.1_T2V_14B.ckpt"
+
+# diffusers' WanTransformer3DModel names → official Wan2.1 names, per block and top level.
+_DIFFUSERS_BLOCK = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn1.norm_q": "self_attn.norm_q",
+    "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.norm_q": "cross_attn.norm_q",
+    "attn2.norm_k": "cross_attn.norm_k",
+    "norm2": "norm3",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+    "scale_shift_table": "modulation",
+}
+_DIFFUSERS_TOP = {
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "patch_embedding": "patch_embedding",
+    "proj_out": "head.head",
+    "scale_shift_table": "head.modulation",
+}
+
+
+def diffusers_to_official(key: str) -> str | None:
+    """Rename a diffusers Wan transformer key to the official Wan2.1 key (None if unknown)."""
+    parts = key.split(".")
+    if parts[0] == "blocks" and len(parts) > 2:
+        stem, leaf = ".".join(parts[2:]), None
+        if stem not in _DIFFUSERS_BLOCK:
+            stem, leaf = ".".join(parts[2:-1]), parts[-1]
+        if stem in _DIFFUSERS_BLOCK:
+            name = f"blocks.{parts[1]}.{_DIFFUSERS_BLOCK[stem]}"
+            return f"{name}.{leaf}" if leaf else name
+        return None
+    stem, leaf = (key, None) if key in _DIFFUSERS_TOP else (".".join(parts[:-1]), parts[-1])
+    if stem in _DIFFUSERS_TOP:
+        return f"{_DIFFUSERS_TOP[stem]}.{leaf}" if leaf else _DIFFUSERS_TOP[stem]
+    return None
+
+
+def _is_diffusers(paths: list[Path]) -> bool:
+    with safe_open(str(paths[0]), framework="pt", device="cpu") as f:
+        return any(k.startswith("condition_embedder.") or ".attn1." in k for k in f.keys())  # noqa: SIM118
+
+
+def load_wan_dit(
+    dit_path: Path,
+    config: DiTConfig,
+    *,
+    lora_path: Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> WanDiT:
+    """Build the DiT on the meta device and load the official weights into dtype/device.
+
+    dit_path: a Wan2.1 checkpoint directory (official shards or a diffusers `transformer/`
+    folder), or a single .safetensors file. lora_path: the Stand-In checkpoint (a torch
+    pickle of `blocks.{i}.self_attn.{q,k,v}_loras.{down,up}.weight`); without it the
+    model has no identity LoRA (lora_rank 0): plain Wan2.1 identity tokens.
+    """
+    if not dit_path.exists():
+        raise CheckpointError(f"missing DiT checkpoint: {dit_path}")
+    paths = [dit_path] if dit_path.is_file() else shard_files(dit_path)
+    rename = diffusers_to_official if _is_diffusers(paths) else None
+    tensors = read_safetensors(paths, dtype=dtype, device=device, rename=rename)
+    if lora_path is not None:
+        lora = read_torch_pickle(lora_path, dtype=dtype, device=device)
+        clash = next((k for k in lora if k in tensors), None)
+        if clash:
+            raise CheckpointError(f"{lora_path.name} and the DiT shards both hold {clash}")
+        tensors.update(lora)
+    else:
+        config = replace(config, lora_rank=0)
+    with torch.device("meta"):
+        model = WanDiT(config)
+    where = ", ".join(p.name for p in paths) + (f" + {lora_path.name}" if lora_path else "")
+    load_strict(model, tensors, expected_in=where)
+    log.info("loaded DiT from %s (%s, %s)", where, dtype, device)
+    return model.eval().requires_grad_(False)
