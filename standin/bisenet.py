@@ -195,7 +195,7 @@ def load_bisenet(path: Path | str, device: str | torch.device = "cpu") -> BiSeNe
 def background_mask(model: BiSeNet, image: np.ndarray) -> np.ndarray:
     """Where the parser sees background: RGB uint8 [H, W, 3] → bool [H, W]."""
     param = next(model.parameters())
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(param.device)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(param.device)
     x = x.permute(2, 0, 1)[None].to(param.dtype) / 255.0
     x = (x - PARSER_MEAN) / PARSER_STD
     labels = model(x).argmax(dim=1)[0]
