@@ -68,8 +68,8 @@ class FaceConfig:
     """
 
     backend: Backend = "offline"
-    model_dir: Path | None = None
-    parser_weights: Path | None = None
+    model_dir: Path | str | None = None
+    parser_weights: Path | str | None = None
     subject: Subject = "face"
     device: str = "cpu"
     limits: ImageLimits = field(default_factory=ImageLimits)
