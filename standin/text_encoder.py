@@ -311,14 +311,15 @@ class TextEncoder:
         *,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        config: TextEncoderConfig = UMT5_XXL,
     ) -> TextEncoder:
         """The official umT5-XXL from a Wan2.1 checkpoint directory.
 
         Reads `models_t5_umt5-xxl-enc-bf16.pth` and `google/umt5-xxl/tokenizer.json`.
         """
         checkpoint_dir = Path(checkpoint_dir)
-        tokenizer = HFTokenizer(checkpoint_dir / UMT5_TOKENIZER_DIR, UMT5_XXL.text_len)
-        model = load_umt5(checkpoint_dir / UMT5_CHECKPOINT, dtype=dtype, device=device)
+        tokenizer = HFTokenizer(checkpoint_dir / UMT5_TOKENIZER_DIR, config.text_len)
+        model = load_umt5(checkpoint_dir / UMT5_CHECKPOINT, dtype=dtype, device=device, config=config)
         return cls(model, tokenizer)
 
     @classmethod
