@@ -1,1 +1,28 @@
-"""Sequence parallelism for the Stand-In DiT over torch.distributed."""
+"""Sequence parallelism for the Stand-In DiT over torch.distributed (gloo on CPU, NCCL on GPU).
+
+Knows the model (`standin.dit.WanDiT`), not Ray. Identity tokens are replicated: every rank
+builds its own head slice of the identity cache and no collective ever carries identity
+tokens or their K/V.
+"""
+
+from parallel.collectives import Collectives, CommStats
+from parallel.errors import CollectiveError, ParallelConfigError, PeerFailedError, RequestFailedError
+from parallel.mesh import DeviceMesh, ParallelConfig, init_distributed
+from parallel.runner import DenoiseRequest, SPRunner
+from parallel.sharded_dit import ShardedDiT, TokenLayout
+
+__all__ = [
+    "CollectiveError",
+    "Collectives",
+    "CommStats",
+    "DenoiseRequest",
+    "DeviceMesh",
+    "ParallelConfig",
+    "ParallelConfigError",
+    "PeerFailedError",
+    "RequestFailedError",
+    "SPRunner",
+    "ShardedDiT",
+    "TokenLayout",
+    "init_distributed",
+]

@@ -1,0 +1,313 @@
+"""The SPMD runner: every rank executes the same whole request in lockstep.
+
+Rank 0 calls `generate(request)`; every other rank sits in `serve_forever()`. Per request:
+
+1. rank 0 validates the request (errors raise there, nobody else is involved yet) and
+   broadcasts a header (shapes, dtypes, scalars) over the long-timeout control group, then the
+   tensors;
+2. setup phase: every rank builds the schedule and its own head slice of the identity cache;
+3. one phase per step: CFG passes (sequential, or on the two mesh halves with one exchange),
+   Euler step on the replicated latents; the end-of-step agreement carries rank 0's cancel flag.
+
+Each phase ends in an agreement: a failure on any rank becomes `RequestFailedError` on every
+rank (with every failing rank's message) and the group serves the next request. A collective
+that fails or times out raises `CollectiveError`: the group is then unusable (`broken`) and must
+be rebuilt by the owner (the Serve replica replaces its whole group).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from parallel.collectives import Collectives
+from parallel.errors import CollectiveError, PeerFailedError, RequestFailedError
+from parallel.sharded_dit import ShardedDiT
+from standin.dit import IdentityCache, WanDiT
+from standin.errors import CancelledError, InvalidRequestError
+from standin.scheduler import DEFAULT_SHIFT, FlowMatchSchedule
+
+__all__ = ["DenoiseRequest", "SPRunner"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+_TENSOR_FIELDS = ("latents", "context", "negative_context", "identity_latents")
+
+
+@dataclass
+class DenoiseRequest:
+    """What the DiT stage of one job needs (given to rank 0 only).
+
+    latents: [B, C_in, F, H, W] initial noise; context: [B, L, text_dim] prompt embeddings;
+    negative_context: [B, L', text_dim], required when guidance != 1;
+    identity_latents: [1 or B, C_in, 1, h, w] VAE latent of the face, or None (plain Wan2.1).
+    """
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    num_steps: int
+    negative_context: torch.Tensor | None = None
+    identity_latents: torch.Tensor | None = None
+    guidance: float = 5.0
+    shift: float = DEFAULT_SHIFT
+
+
+class SPRunner:
+    """Runs whole requests over a mesh. Rank 0: `generate`; other ranks: `serve_forever`."""
+
+    def __init__(self, model: WanDiT, comm: Collectives) -> None:
+        self.model = model
+        self.comm = comm
+        self.mesh = comm.mesh
+        self.dit = ShardedDiT(model, comm)
+        self.broken = False
+        # Workers: how the last request ended (None: completed), for logs and health checks.
+        self.last_error: Exception | None = None
+
+    # -- rank 0 ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: DenoiseRequest,
+        progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Denoise on every rank; returns the final latents [B, C_out, F, H, W] (rank 0 only).
+
+        Raises InvalidRequestError (nothing sent), RequestFailedError (failed on some rank, the
+        group is fine), CancelledError (should_cancel said so between two steps) or
+        CollectiveError (the group is broken).
+        """
+        if self.mesh.rank != 0:
+            raise RuntimeError("generate() runs on rank 0; other ranks call serve_forever()")
+        self._check_usable()
+        self._validate(request)
+        header = {
+            "op": "run",
+            "num_steps": request.num_steps,
+            "guidance": float(request.guidance),
+            "shift": float(request.shift),
+            "tensors": {
+                name: (tuple(t.shape), t.dtype) if t is not None else None
+                for name in _TENSOR_FIELDS
+                for t in [getattr(request, name)]
+            },
+        }
+        self._guarded(self.comm.broadcast_object, header)
+        tensors = {name: getattr(request, name) for name in _TENSOR_FIELDS}
+        return self._run(header, tensors, progress, should_cancel)
+
+    def shutdown(self) -> None:
+        """Release the workers from `serve_forever` (rank 0)."""
+        if self.mesh.world_size > 1 and not self.broken:
+            self._guarded(self.comm.broadcast_object, {"op": "stop"})
+
+    # -- ranks 1..N-1 ---------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run requests as rank 0 sends them until `shutdown`. Request errors are logged and
+        the loop goes on; a CollectiveError (broken group) ends it by raising."""
+        while self.serve_one():
+            pass
+
+    def serve_one(self) -> bool:
+        """Take part in one request; False when rank 0 said stop."""
+        self._check_usable()
+        header = self._guarded(self.comm.broadcast_object, None)
+        if header["op"] == "stop":
+            return False
+        self.last_error = None
+        try:
+            self._run(header, None, None, None)
+        except (RequestFailedError, CancelledError) as exc:
+            log.info("rank %d: request ended: %s", self.mesh.rank, exc)
+            self.last_error = exc
+        return True
+
+    # -- the request, on every rank -------------------------------------------------------
+
+    def _run(
+        self,
+        header: dict[str, Any],
+        tensors: dict[str, torch.Tensor | None] | None,
+        progress: ProgressCallback | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> torch.Tensor:
+        device = self.mesh.device
+        received: dict[str, torch.Tensor | None] = {}
+        for name in _TENSOR_FIELDS:
+            spec = header["tensors"][name]
+            if spec is None:
+                received[name] = None
+                continue
+            shape, dtype = spec
+            buf = (
+                tensors[name].to(device, dtype).contiguous()
+                if tensors
+                else torch.empty(shape, dtype=dtype, device=device)
+            )
+            received[name] = self._guarded(self.comm.broadcast, buf)
+        latents = received["latents"]
+
+        def setup() -> tuple[FlowMatchSchedule, IdentityCache | None]:
+            schedule = FlowMatchSchedule(header["num_steps"], shift=header["shift"])
+            ident = received["identity_latents"]
+            cache = self.dit.identity_cache(ident, latents.shape) if ident is not None else None
+            return schedule, cache
+
+        schedule, identity = self._phase(setup)
+        for i in range(schedule.num_steps):
+            step = functools.partial(self._step, schedule, i, latents, received, identity, header["guidance"])
+            latents = self._phase(step, should_cancel)
+            if progress is not None:
+                progress(i + 1, schedule.num_steps)
+        return latents
+
+    def _step(
+        self,
+        schedule: FlowMatchSchedule,
+        i: int,
+        latents: torch.Tensor,
+        received: dict[str, torch.Tensor | None],
+        identity: IdentityCache | None,
+        guidance: float,
+    ) -> torch.Tensor:
+        """One denoising step on every rank: latents [B, C, F, H, W] → the next latents."""
+        t = schedule.timestep(i).to(latents.device).expand(latents.shape[0])
+        velocity = self._velocity(
+            latents, t, received["context"], received["negative_context"], identity, guidance
+        )
+        return schedule.step(velocity, i, latents)
+
+    def _velocity(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        negative: torch.Tensor | None,
+        identity: IdentityCache | None,
+        guidance: float,
+    ) -> torch.Tensor:
+        """CFG-combined velocity [B, C_out, F, H, W], the same on every rank."""
+        if self.mesh.config.cfg == 2:
+            # Half 0 runs the positive pass, half 1 the negative; one exchange combines them.
+            ctx = context if self.mesh.cfg_index == 0 or negative is None else negative
+            mine = self.dit(latents, t, ctx, identity)
+            pos, neg = self.comm.all_gather(mine, self.mesh.cfg_group, 2).unbind(0)
+        else:
+            pos = self.dit(latents, t, context, identity)
+            if guidance == 1.0:
+                return pos
+            neg = self.dit(latents, t, negative, identity)
+        if guidance == 1.0:
+            return pos
+        return neg + guidance * (pos - neg)
+
+    # -- agreement --------------------------------------------------------------------------
+
+    def _phase(self, fn: Callable[[], T], should_cancel: Callable[[], bool] | None = None) -> T:
+        """Run fn on every rank, then agree: all ranks succeed, or all raise the same error."""
+        error: BaseException | None = None
+        result: Any = None
+        peer_failed = False
+        try:
+            result = fn()
+        except PeerFailedError:
+            peer_failed = True  # the failure was already agreed at a gate inside fn
+        except CollectiveError:
+            self.broken = True
+            raise
+        except Exception as exc:
+            log.exception("rank %d: request failed", self.mesh.rank)
+            error = exc
+        cancel = False
+        if error is None and not peer_failed and should_cancel is not None:
+            cancel = bool(should_cancel())
+        if not peer_failed:
+            agreement = self._guarded(self.comm.agree, error is not None, cancel)
+            failed = agreement.failed
+        else:
+            failed, agreement = True, None
+        if failed:
+            message = None if error is None else f"{type(error).__name__}: {error}"
+            messages = self._guarded(self.comm.all_gather_object, message)
+            failures = {r: m for r, m in enumerate(messages) if m is not None}
+            raise RequestFailedError(failures) from error
+        if agreement is not None and agreement.cancelled:
+            raise CancelledError("generation cancelled by the caller")
+        return result
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except CollectiveError:
+            self.broken = True
+            raise
+
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise CollectiveError("a collective failed or timed out earlier: rebuild the process group")
+
+    def _validate(self, request: DenoiseRequest) -> None:
+        """Reject a bad request on rank 0, before any other rank hears of it."""
+        lat, ctx = request.latents, request.context
+        cfg = self.model.config
+        if not isinstance(lat, torch.Tensor) or lat.ndim != 5 or lat.shape[1] != cfg.in_dim:
+            raise InvalidRequestError(f"latents must be [B, {cfg.in_dim}, F, H, W], got {_shape(lat)}")
+        try:
+            self.model.token_grid(lat.shape)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        b = lat.shape[0]
+        for name in ("context", "negative_context"):
+            c = getattr(request, name)
+            if c is None:
+                continue
+            if (
+                not isinstance(c, torch.Tensor)
+                or c.ndim != 3
+                or c.shape[0] != b
+                or c.shape[2] != cfg.text_dim
+            ):
+                raise InvalidRequestError(f"{name} must be [{b}, L, {cfg.text_dim}], got {_shape(c)}")
+        if ctx is None:
+            raise InvalidRequestError("context is required")
+        ident = request.identity_latents
+        if ident is not None and (
+            not isinstance(ident, torch.Tensor)
+            or ident.ndim != 5
+            or ident.shape[0] not in (1, b)
+            or ident.shape[1] != cfg.in_dim
+            or ident.shape[2] != 1
+        ):
+            raise InvalidRequestError(
+                f"identity_latents must be [1 or {b}, {cfg.in_dim}, 1, h, w], got {_shape(ident)}"
+            )
+        if ident is not None:
+            try:
+                self.model.token_grid(ident.shape)
+            except ValueError as exc:
+                raise InvalidRequestError(f"identity_latents: {exc}") from None
+        if (
+            isinstance(request.guidance, bool)
+            or not isinstance(request.guidance, (int, float))
+            or (not math.isfinite(request.guidance))
+        ):
+            raise InvalidRequestError(f"guidance must be a finite number, got {request.guidance!r}")
+        if request.guidance != 1.0 and request.negative_context is None:
+            raise InvalidRequestError("guidance != 1 needs a negative_context")
+        # Raises InvalidRequestError for bad num_steps / shift.
+        FlowMatchSchedule(request.num_steps, shift=request.shift)
+
+
+def _shape(x: object) -> object:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
