@@ -98,8 +98,10 @@ class LayerNorm(nn.LayerNorm):
         return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float, lora_rank: int) -> None:
+class _Projections(nn.Module):
+    """q/k/v/o projections with RMS-normalised queries and keys (both attention kinds)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
@@ -108,6 +110,11 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class SelfAttention(_Projections):
+    def __init__(self, dim: int, num_heads: int, eps: float, lora_rank: int) -> None:
+        super().__init__(dim, num_heads, eps)
         if lora_rank > 0:
             self.q_loras = LoRA(dim, dim, lora_rank)
             self.k_loras = LoRA(dim, dim, lora_rank)
@@ -130,17 +137,7 @@ class SelfAttention(nn.Module):
         return self.o(x.flatten(-2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
+class CrossAttention(_Projections):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, S, C], context [B, L, C] (embedded text) → [B, S, C]."""
         heads = (self.num_heads, -1)

@@ -44,26 +44,19 @@ PRESETS: dict[str, ModelPreset] = {
         num_steps=8,
         needs_checkpoint=False,
     ),
-    "wan2.1-t2v-1.3b": ModelPreset(
-        "wan2.1-t2v-1.3b",
-        dit_preset("wan2.1-t2v-1.3b"),
-        VAEConfig.from_name("wan2.1"),
-        TextEncoderConfig.from_name("umt5-xxl"),
-        width=832,
-        height=480,
-        num_frames=81,
-        num_steps=20,
-    ),
-    "wan2.1-t2v-14b": ModelPreset(
-        "wan2.1-t2v-14b",
-        dit_preset("wan2.1-t2v-14b"),
-        VAEConfig.from_name("wan2.1"),
-        TextEncoderConfig.from_name("umt5-xxl"),
-        width=832,
-        height=480,
-        num_frames=81,
-        num_steps=20,
-    ),
+    **{
+        name: ModelPreset(
+            name,
+            dit_preset(name),
+            VAEConfig.from_name("wan2.1"),
+            TextEncoderConfig.from_name("umt5-xxl"),
+            width=832,
+            height=480,
+            num_frames=81,
+            num_steps=20,
+        )
+        for name in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+    },
 }
 
 
