@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import ftfy
 import torch
 
 from standin.checkpoints import check_file
@@ -24,10 +25,6 @@ from standin.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-try:  # optional: Wan runs ftfy.fix_text first; we do when it is installed
-    import ftfy as _ftfy
-except ImportError:  # pragma: no cover - depends on the environment
-    _ftfy = None
 
 UMT5_TOKENIZER_FILE = "tokenizer.json"
 
@@ -39,13 +36,11 @@ _WHITESPACE_RUN = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\
 def clean_prompt(text: str) -> str:
     """Wan's `clean='whitespace'` text cleaning.
 
-    ftfy is optional: when it is installed, `ftfy.fix_text` runs first exactly as in Wan (repairs
-    mojibake, straightens curly quotes, normalizes character widths). Without it that step is
-    skipped; the rest always runs: HTML entities are unescaped twice, runs of whitespace collapse
-    to one space, and the ends are stripped. Plain ASCII / CJK prompts come out the same either way.
+    `ftfy.fix_text` first, as Wan does (repairs mojibake, straightens curly quotes, normalizes
+    character widths), then HTML entities are unescaped twice, runs of whitespace collapse to one
+    space, and the ends are stripped.
     """
-    if _ftfy is not None:
-        text = _ftfy.fix_text(text)
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE_RUN.sub(" ", text).strip()
 
@@ -118,7 +113,7 @@ class HFTokenizer:
 
     Matches Wan's `HuggingfaceTokenizer(seq_len=512, clean="whitespace")`: EOS (`</s>`) is
     appended after the prompt's tokens, padding uses `<pad>`, truncation keeps the first
-    `text_len - 1` tokens. See `clean_prompt` for the (optional) ftfy step.
+    `text_len - 1` tokens. Prompts are cleaned by `clean_prompt`.
     """
 
     def __init__(self, tokenizer_dir: Path, text_len: int = 512) -> None:

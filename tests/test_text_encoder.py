@@ -174,6 +174,11 @@ def test_clean_prompt_collapses_whitespace_and_unescapes_html_twice():
     assert clean_prompt("&amp;lt;b&amp;gt;") == "<b>"
 
 
+def test_clean_prompt_repairs_text_with_ftfy_as_wan_does():
+    assert clean_prompt("\u201cquoted\u201d") == '"quoted"'
+    assert clean_prompt("caf\u00c3\u00a9") == "caf\u00e9"  # UTF-8 read as Latin-1
+
+
 def test_byte_tokenizer_round_trip_eos_and_padding():
     tok = ByteTokenizer(text_len=32)
     text = "Héllo wörld 你好"
