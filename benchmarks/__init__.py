@@ -1,0 +1,1 @@
+"""Benchmarks: load generator, model micro-benchmarks, GPU suite (results under results/)."""
