@@ -1,0 +1,397 @@
+"""The HTTP contract: OpenAI-shaped errors, request parsing and validation, the video object.
+
+Status codes for bad input: 400 malformed (missing or mistyped field, undecodable image, bad
+data URL), 413 too large, 415 unsupported body or image format, 422 well-formed but out of
+range (size, frames, steps, prompt length…). Nothing in here touches models or Ray.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.jobs import Job
+from serve_app.settings import ServeSettings
+from standin.errors import InvalidRequestError
+from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams
+from standin.presets import get_preset
+from standin.video import DEFAULT_FPS, MAX_FPS
+
+NATIVE_FPS = 16  # Wan2.1 generates at 16 frames per second; `seconds` counts at this rate
+
+
+class APIError(Exception):
+    """An error response: `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def new_job_id() -> str:
+    """Unguessable: 128 random bits."""
+    return "video_" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """A validated POST /v1/videos."""
+
+    params: GenerationParams
+    image: bytes | None
+    subject: str
+    fps: float
+    model: str
+
+    def to_job_request(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "prompt": p.prompt,
+            "negative_prompt": p.negative_prompt,
+            "width": p.width,
+            "height": p.height,
+            "num_frames": p.num_frames,
+            "num_steps": p.num_steps,
+            "guidance_scale": p.guidance_scale,
+            "shift": p.shift,
+            "seed": p.seed,
+            "fps": self.fps,
+            "subject": self.subject,
+            "has_reference": self.image is not None,
+        }
+
+
+def params_from_job(request: dict[str, Any]) -> GenerationParams:
+    names = ("prompt", "negative_prompt", "width", "height", "num_frames", "num_steps")
+    return GenerationParams(
+        **{k: request[k] for k in names},
+        guidance_scale=request["guidance_scale"],
+        shift=request["shift"],
+        seed=request["seed"],
+    )
+
+
+# -- field parsing --------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*)(;base64)?,(.*)$", re.DOTALL)
+_FIELDS = {
+    "prompt",
+    "model",
+    "size",
+    "seconds",
+    "num_frames",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "negative_prompt",
+    "fps",
+    "subject",
+    "shift",
+    "input_reference",
+}
+
+
+def _int(fields: dict[str, Any], name: str, form: bool) -> int | None:
+    v = fields.get(name)
+    if v is None or v == "":
+        return None
+    if form or isinstance(v, str):
+        try:
+            return int(str(v).strip())
+        except ValueError:
+            raise APIError(400, f"{name} must be an integer, got {v!r}", param=name) from None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise APIError(400, f"{name} must be an integer, got {v!r}", param=name)
+    return v
+
+
+def _float(fields: dict[str, Any], name: str, form: bool) -> float | None:
+    v = fields.get(name)
+    if v is None or v == "":
+        return None
+    if form or isinstance(v, str):
+        try:
+            out = float(str(v).strip())
+        except ValueError:
+            raise APIError(400, f"{name} must be a number, got {v!r}", param=name) from None
+    elif isinstance(v, bool) or not isinstance(v, int | float):
+        raise APIError(400, f"{name} must be a number, got {v!r}", param=name)
+    else:
+        out = float(v)
+    if not math.isfinite(out):
+        raise APIError(400, f"{name} must be a finite number, got {v!r}", param=name)
+    return out
+
+
+def _str(fields: dict[str, Any], name: str) -> str | None:
+    v = fields.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise APIError(400, f"{name} must be a string", param=name)
+    return v
+
+
+def decode_data_url(value: Any, max_bytes: int) -> bytes:
+    """`{"image_url": "data:image/jpeg;base64,…"}` (or the bare string) → image bytes."""
+    url = value.get("image_url") if isinstance(value, dict) else value
+    if isinstance(url, dict):  # {"image_url": {"url": "data:…"}} as in chat messages
+        url = url.get("url")
+    if not isinstance(url, str):
+        raise APIError(
+            400,
+            'input_reference must be a file upload (multipart) or {"image_url": "data:image/...;base64,..."}',
+            param="input_reference",
+        )
+    m = _DATA_URL.match(url.strip())
+    if m is None:
+        raise APIError(
+            400,
+            "input_reference.image_url must be a data: URL; remote URLs are never fetched "
+            "(upload the image as multipart/form-data instead)",
+            param="input_reference",
+            code="unsupported_url",
+        )
+    payload = m.group(4)
+    if len(payload) * 3 // 4 > max_bytes:
+        raise APIError(
+            413,
+            f"input_reference is larger than {max_bytes} bytes",
+            param="input_reference",
+            code="image_too_large",
+        )
+    if not m.group(3):
+        raise APIError(400, "input_reference data URL must be base64-encoded", param="input_reference")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "input_reference is not valid base64", param="input_reference") from None
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+)
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The format the bytes claim to be (JPEG, PNG, WEBP, AVIF), or None."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis", b"mif1", b"msf1"):
+        return "AVIF"
+    return None
+
+
+def parse_video_request(
+    fields: dict[str, Any], image: bytes | None, settings: ServeSettings, *, form: bool
+) -> VideoRequest:
+    """Validate POST /v1/videos fields (multipart: strings; JSON: typed values)."""
+    unknown = sorted(set(fields) - _FIELDS)
+    if unknown:
+        raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    preset = get_preset(settings.preset)
+
+    prompt = _str(fields, "prompt")
+    if prompt is None or not prompt.strip():
+        raise APIError(400, "prompt is required", param="prompt", code="missing_required_parameter")
+    if len(prompt) > settings.max_prompt_chars:
+        raise APIError(
+            422,
+            f"prompt is {len(prompt)} characters, the limit is {settings.max_prompt_chars}",
+            param="prompt",
+        )
+    negative = _str(fields, "negative_prompt")
+    if negative is not None and len(negative) > settings.max_prompt_chars:
+        raise APIError(
+            422,
+            f"negative_prompt is longer than {settings.max_prompt_chars} characters",
+            param="negative_prompt",
+        )
+
+    model = _str(fields, "model") or settings.model_name
+    if model != settings.model_name:
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; available: {settings.model_name}",
+            param="model",
+            code="model_not_found",
+        )
+
+    width, height = preset.width, preset.height
+    size = _str(fields, "size")
+    if size:
+        m = _SIZE.match(size)
+        if m is None:
+            raise APIError(400, f"size must look like '832x480' (WIDTHxHEIGHT), got {size!r}", param="size")
+        width, height = int(m.group(1)), int(m.group(2))
+        if (
+            width > settings.max_width
+            or height > settings.max_height
+            or width % 16
+            or height % 16
+            or min(width, height) < 16
+        ):
+            raise APIError(
+                422,
+                f"unsupported size {width}x{height}: sides must be multiples of 16, at least 16, "
+                f"at most {settings.max_width}x{settings.max_height}",
+                param="size",
+                code="unsupported_size",
+            )
+
+    fps = _float(fields, "fps", form)
+    fps = DEFAULT_FPS if fps is None else fps
+    if not 0 < fps <= MAX_FPS:
+        raise APIError(422, f"fps must be in (0, {MAX_FPS:g}], got {fps:g}", param="fps")
+
+    frames = _int(fields, "num_frames", form)
+    seconds = _float(fields, "seconds", form)
+    if frames is not None and seconds is not None:
+        raise APIError(400, "give seconds or num_frames, not both", param="seconds")
+    if seconds is not None:
+        if seconds <= 0:
+            raise APIError(422, f"seconds must be positive, got {seconds:g}", param="seconds")
+        frames = 4 * max(0, round(seconds * NATIVE_FPS / 4)) + 1
+    frames = preset.num_frames if frames is None else frames
+    if not 1 <= frames <= settings.max_frames or (frames - 1) % 4:
+        param = "seconds" if seconds is not None else "num_frames"
+        raise APIError(
+            422,
+            f"num_frames must be 4k+1 in [1, {settings.max_frames}] "
+            f"(at most {(settings.max_frames - 1) / NATIVE_FPS:g} seconds), got {frames}",
+            param=param,
+            code="frames_out_of_range",
+        )
+
+    steps = _int(fields, "num_inference_steps", form)
+    steps = preset.num_steps if steps is None else steps
+    if not 1 <= steps <= settings.max_steps:
+        raise APIError(
+            422,
+            f"num_inference_steps must be in [1, {settings.max_steps}], got {steps}",
+            param="num_inference_steps",
+        )
+    seed = _int(fields, "seed", form)
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    guidance = _float(fields, "guidance_scale", form)
+    shift = _float(fields, "shift", form)
+    subject = _str(fields, "subject") or "face"
+    if subject not in ("face", "object"):
+        raise APIError(422, f"subject must be 'face' or 'object', got {subject!r}", param="subject")
+
+    params = GenerationParams(
+        prompt=prompt,
+        negative_prompt=WAN_NEGATIVE_PROMPT if negative is None else negative,
+        width=width,
+        height=height,
+        num_frames=frames,
+        num_steps=steps,
+        guidance_scale=5.0 if guidance is None else guidance,
+        shift=5.0 if shift is None else shift,
+        seed=seed,
+    )
+    try:
+        params.validate()
+    except InvalidRequestError as exc:
+        raise APIError(422, str(exc), param=_api_param(str(exc))) from None
+    return VideoRequest(params=params, image=image, subject=subject, fps=fps, model=model)
+
+
+def _api_param(message: str) -> str | None:
+    first = message.split(" ", 1)[0]
+    return {
+        "width": "size",
+        "height": "size",
+        "num_steps": "num_inference_steps",
+        "guidance_scale": "guidance_scale",
+        "seed": "seed",
+        "shift": "shift",
+        "num_frames": "num_frames",
+        "prompt": "prompt",
+        "negative_prompt": "negative_prompt",
+    }.get(first)
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    try:
+        fields = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return fields
+
+
+def video_object(job: Job) -> dict[str, Any]:
+    """The OpenAI video object (+ Stand-In extras)."""
+    r = job.request
+    out: dict[str, Any] = {
+        "id": job.id,
+        "object": "video",
+        "model": job.model,
+        "status": job.status,
+        "progress": job.progress,
+        "created_at": job.created_at,
+        "completed_at": job.completed_at,
+        "expires_at": job.expires_at,
+        "size": f"{r['width']}x{r['height']}",
+        "seconds": f"{(r['num_frames'] - 1) / NATIVE_FPS:g}",
+        "prompt": r["prompt"],
+        "num_frames": r["num_frames"],
+        "fps": r["fps"],
+        "seed": r["seed"],
+        "num_inference_steps": r["num_steps"],
+        "guidance_scale": r["guidance_scale"],
+        "subject": r["subject"],
+        "has_reference": r["has_reference"],
+        "error": None,
+    }
+    if job.error_code or job.error_message:
+        out["error"] = {"code": job.error_code, "message": job.error_message}
+    return out
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """`bytes=a-b` / `bytes=a-` / `bytes=-n` → inclusive (start, end); None: not satisfiable.
+    Multiple ranges are answered with the first one."""
+    m = re.match(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*(,.*)?$", header)
+    if m is None or (m.group(1) == "" and m.group(2) == ""):
+        return None
+    if m.group(1) == "":
+        n = int(m.group(2))
+        if n == 0:
+            return None
+        return max(0, size - n), size - 1
+    start = int(m.group(1))
+    end = int(m.group(2)) if m.group(2) else size - 1
+    if start >= size or end < start:
+        return None
+    return start, min(end, size - 1)

@@ -1,0 +1,248 @@
+"""The DiT deployment: one Serve replica = one sequence-parallel group of N ranks.
+
+The replica is rank 0. Its placement group (N bundles, STRICT_PACK, set in serve_config.yaml)
+holds it and the N−1 `SPWorker` actors it starts, one bundle each. All ranks load the DiT,
+then join one torch.distributed group (gloo on CPU, NCCL on GPU) — every rank's join is started
+before any is waited on, since each blocks until all have arrived. The workers then sit in
+`SPRunner.serve_forever()` while rank 0 feeds them requests.
+
+The replica is healthy only while every rank is: a worker that died or left its loop, or a
+collective that failed (`SPRunner.broken`), fails the health check, and Serve replaces the whole
+group (the workers are owned by the replica and die with it).
+
+`denoise` streams `{"event": "progress"}` items per step, then one `{"event": "result"}` or
+`{"event": "error"}` item; errors are items, not exceptions, so that their kind survives Ray's
+exception wrapping. Cancelling the stream stops the steps at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from parallel import (
+    CollectiveError,
+    Collectives,
+    DenoiseRequest,
+    DeviceMesh,
+    ParallelConfig,
+    RequestFailedError,
+    SPRunner,
+    init_distributed,
+)
+from serve_app.models import device_of, load_dit
+from serve_app.settings import ServeSettings
+from standin.errors import CancelledError, InvalidRequestError
+from standin.pipeline import GenerationParams, initial_noise
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class RankState:
+    """What every rank holds: the DiT, its place in the mesh, the runner."""
+
+    def __init__(self, settings: ServeSettings, rank: int, address: str | None) -> None:
+        self.device = device_of(settings)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        model = load_dit(settings)
+        world = settings.world_size
+        timeout = datetime.timedelta(seconds=settings.collective_timeout_s)
+        if world > 1:
+            backend = settings.dist_backend or ("nccl" if self.device.type == "cuda" else "gloo")
+            init_distributed(rank, world, address or "", backend=backend, timeout=timeout)
+        config = ParallelConfig.for_world(world, model.config.num_heads, cfg=settings.cfg_degree)
+        mesh = DeviceMesh(config, model.config.num_heads, device=self.device, timeout=timeout)
+        self.runner = SPRunner(model, Collectives(mesh))
+        log.info("rank %d/%d ready: %s on %s", rank, world, config, self.device)
+
+
+@ray.remote(max_restarts=0)
+class SPWorker:
+    """Ranks 1..N−1 of a DiT replica."""
+
+    def __init__(self, settings: ServeSettings, rank: int) -> None:
+        self.settings = settings
+        self.rank = rank
+        self.state: RankState | None = None
+
+    def setup(self, address: str) -> int:
+        """Load the DiT and join the group (blocks until every rank has joined)."""
+        self.state = RankState(self.settings, self.rank, address)
+        return self.rank
+
+    def serve_forever(self) -> str:
+        """Follow rank 0's requests until it says stop; raises when the group breaks."""
+        assert self.state is not None, "setup() first"
+        self.state.runner.serve_forever()
+        return "stopped"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.4}, max_ongoing_requests=1, health_check_period_s=2)
+class DiTReplica:
+    """Rank 0 of an SP group; runs whole denoising requests over all ranks."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.workers: list[ray.actor.ActorHandle] = []
+        self.worker_names: list[str] = []
+        self.loops: list[ray.ObjectRef] = []
+        world = settings.world_size
+        address = None
+        if world > 1:
+            self._start_workers()
+            address = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+            joins = [w.setup.remote(address) for w in self.workers]
+        # Rank 0 joins while the workers join (each blocks until all N have arrived).
+        self.rank0 = RankState(settings, 0, address)
+        if world > 1:
+            ray.get(joins)
+            self.loops = [w.serve_forever.remote() for w in self.workers]
+        self._lock = asyncio.Lock()
+
+    def _start_workers(self) -> None:
+        pg = ray.util.get_current_placement_group()
+        if pg is None:
+            log.warning("DiTReplica has no placement group: workers are scheduled anywhere")
+        try:
+            tag = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # local testing mode has no replica id
+            tag = f"{id(self):x}"
+        s = self.settings
+        for rank in range(1, s.world_size):
+            options: dict[str, Any] = {
+                "num_cpus": s.worker_num_cpus,
+                "num_gpus": s.worker_num_gpus,
+                "name": f"standin-dit-{tag}-rank{rank}",
+            }
+            if pg is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank
+                )
+            self.workers.append(SPWorker.options(**options).remote(s, rank))
+            self.worker_names.append(options["name"])
+
+    # -- health ---------------------------------------------------------------------------
+
+    def _broken_reason(self) -> str | None:
+        if self.rank0.runner.broken:
+            return "a collective failed: the process group must be rebuilt"
+        if self.loops:
+            done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+            if done:
+                return f"{len(done)} SP worker(s) died or left their loop"
+        return None
+
+    def check_health(self) -> None:
+        reason = self._broken_reason()
+        if reason is not None:
+            raise RuntimeError(f"DiT replica unhealthy: {reason}")
+
+    def __del__(self) -> None:
+        for w in getattr(self, "workers", []):
+            with contextlib.suppress(Exception):
+                ray.kill(w, no_restart=True)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def denoise(
+        self,
+        params: GenerationParams,
+        conditioning: dict[str, torch.Tensor | None],
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream progress, then the final latents [1, 16, F', H/8, W/8] (float32, CPU)."""
+        reason = self._broken_reason()
+        if reason is not None:
+            yield {"event": "error", "kind": "unavailable", "message": reason}
+            return
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+            cancel = threading.Event()
+
+            def progress(done: int, total: int) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (done, total))
+
+            work = asyncio.ensure_future(asyncio.to_thread(self._run, params, conditioning, progress, cancel))
+            work.add_done_callback(lambda _: events.put_nowait(None))
+            try:
+                while (item := await events.get()) is not None:
+                    yield {"event": "progress", "step": item[0], "total": item[1]}
+                latents = await work
+                self.counts["completed"] += 1
+                yield {"event": "result", "latents": latents}
+            except (CancelledError, asyncio.CancelledError, GeneratorExit):
+                cancel.set()
+                self.counts["cancelled"] += 1
+                await _wait_ignoring_cancel(work)
+                raise
+            except InvalidRequestError as exc:
+                self.counts["failed"] += 1
+                yield {"event": "error", "kind": "invalid", "message": str(exc)}
+            except (RequestFailedError, CollectiveError) as exc:
+                self.counts["failed"] += 1
+                kind = "broken" if isinstance(exc, CollectiveError) else "failed"
+                log.warning("denoise failed (%s): %s", kind, exc)
+                yield {"event": "error", "kind": kind, "message": str(exc)}
+            finally:
+                if not work.done():
+                    cancel.set()
+                    await _wait_ignoring_cancel(work)
+
+    def _run(
+        self,
+        params: GenerationParams,
+        conditioning: dict[str, torch.Tensor | None],
+        progress: Callable[[int, int], None],
+        cancel: threading.Event,
+    ) -> torch.Tensor:
+        use_cfg = params.guidance_scale != 1.0
+        request = DenoiseRequest(
+            latents=initial_noise(params),
+            context=conditioning["context"],  # type: ignore[arg-type]
+            negative_context=conditioning.get("negative_context") if use_cfg else None,
+            identity_latents=conditioning.get("identity_latents"),
+            num_steps=params.num_steps,
+            guidance=params.guidance_scale,
+            shift=params.shift,
+        )
+        latents = self.rank0.runner.generate(request, progress, cancel.is_set)
+        return latents.float().cpu()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counts,
+            "world_size": self.settings.world_size,
+            "worker_names": list(self.worker_names),
+            "healthy": self._broken_reason() is None,
+        }
+
+
+async def _wait_ignoring_cancel(task: asyncio.Future) -> None:
+    """Wait until the worker thread has really stopped, even if we are cancelled again: a new
+    request must never enter the runner while the previous one still runs."""
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            continue
+    if not task.cancelled():
+        task.exception()  # mark retrieved; the caller reports the outcome

@@ -1,0 +1,82 @@
+"""Load only the model parts one deployment needs (the DiT replica never holds the VAE, …)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from serve_app.settings import ServeSettings
+from standin.checkpoints import load_wan_dit
+from standin.dit import WanDiT
+from standin.pipeline import StandInPipeline
+from standin.presets import STANDIN_FILE, VAE_FILE, get_preset
+from standin.text_encoder import TextEncoder
+from standin.vae import WanVAE, load_wan_vae
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_of(settings: ServeSettings) -> torch.device:
+    return torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def dtype_of(settings: ServeSettings) -> torch.dtype:
+    if settings.dtype:
+        return DTYPES[settings.dtype]
+    return torch.bfloat16 if device_of(settings).type == "cuda" else torch.float32
+
+
+def _tiny_pipeline(settings: ServeSettings) -> StandInPipeline:
+    # The tiny weights come from one seeded stream (DiT, then VAE): build them together so every
+    # deployment gets exactly the weights the local `standin generate` uses.
+    return StandInPipeline.from_preset(settings.preset, device=device_of(settings), dtype=dtype_of(settings))
+
+
+def _checkpoint_dir(settings: ServeSettings) -> Path:
+    if not settings.checkpoint_dir:
+        raise ValueError(f"preset {settings.preset} needs checkpoint_dir in serve_config.yaml")
+    return Path(settings.checkpoint_dir)
+
+
+def load_dit(settings: ServeSettings) -> WanDiT:
+    preset = get_preset(settings.preset)
+    if not preset.needs_checkpoint:
+        return _tiny_pipeline(settings).dit
+    ckpt = _checkpoint_dir(settings)
+    lora = Path(settings.standin_checkpoint) if settings.standin_checkpoint else ckpt / STANDIN_FILE
+    return load_wan_dit(
+        ckpt, preset.dit, lora_path=lora, dtype=dtype_of(settings), device=device_of(settings)
+    )
+
+
+def load_encoders(settings: ServeSettings) -> tuple[TextEncoder, WanVAE]:
+    preset = get_preset(settings.preset)
+    if not preset.needs_checkpoint:
+        pipe = _tiny_pipeline(settings)
+        return pipe.text_encoder, pipe.vae
+    return load_text_encoder(settings), load_vae(settings)
+
+
+def load_text_encoder(settings: ServeSettings) -> TextEncoder:
+    preset = get_preset(settings.preset)
+    if not preset.needs_checkpoint:
+        return _tiny_pipeline(settings).text_encoder
+    return TextEncoder.from_checkpoint_dir(
+        _checkpoint_dir(settings), dtype=dtype_of(settings), device=device_of(settings), config=preset.text
+    )
+
+
+def load_vae(settings: ServeSettings) -> WanVAE:
+    preset = get_preset(settings.preset)
+    if not preset.needs_checkpoint:
+        return _tiny_pipeline(settings).vae
+    return load_wan_vae(
+        _checkpoint_dir(settings) / VAE_FILE,
+        dtype=torch.float32,
+        device=device_of(settings),
+        config=preset.vae,
+    )
