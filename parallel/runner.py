@@ -102,8 +102,13 @@ class SPRunner:
                 for t in [getattr(request, name)]
             },
         }
+        # Staged on the device before the header goes out: a failure here involves nobody else.
+        tensors = {
+            name: None if t is None else t.to(self.mesh.device).contiguous()
+            for name in _TENSOR_FIELDS
+            for t in [getattr(request, name)]
+        }
         self._guarded(self.comm.broadcast_object, header)
-        tensors = {name: getattr(request, name) for name in _TENSOR_FIELDS}
         return self._run(header, tensors, progress, should_cancel)
 
     def shutdown(self) -> None:
@@ -150,11 +155,7 @@ class SPRunner:
                 received[name] = None
                 continue
             shape, dtype = spec
-            buf = (
-                tensors[name].to(device, dtype).contiguous()
-                if tensors
-                else torch.empty(shape, dtype=dtype, device=device)
-            )
+            buf = tensors[name] if tensors else torch.empty(shape, dtype=dtype, device=device)
             received[name] = self._guarded(self.comm.broadcast, buf)
         latents = received["latents"]
 
@@ -169,7 +170,10 @@ class SPRunner:
             step = functools.partial(self._step, schedule, i, latents, received, identity, header["guidance"])
             latents = self._phase(step, should_cancel)
             if progress is not None:
-                progress(i + 1, schedule.num_steps)
+                try:
+                    progress(i + 1, schedule.num_steps)
+                except Exception:  # reporting must not desynchronise rank 0 from the others
+                    log.exception("progress callback failed")
         return latents
 
     def _step(
@@ -219,8 +223,12 @@ class SPRunner:
         error: BaseException | None = None
         result: Any = None
         peer_failed = False
+        cancel = False
         try:
             result = fn()
+            # Inside the try: a raising cancel check is an agreed failure, not a lone exit.
+            if should_cancel is not None:
+                cancel = bool(should_cancel())
         except PeerFailedError:
             peer_failed = True  # the failure was already agreed at a gate inside fn
         except CollectiveError:
@@ -229,9 +237,6 @@ class SPRunner:
         except Exception as exc:
             log.exception("rank %d: request failed", self.mesh.rank)
             error = exc
-        cancel = False
-        if error is None and not peer_failed and should_cancel is not None:
-            cancel = bool(should_cancel())
         if not peer_failed:
             agreement = self._guarded(self.comm.agree, error is not None, cancel)
             failed = agreement.failed

@@ -342,11 +342,26 @@ def _failure_scenarios(runner: SPRunner, model: WanDiT, fail_rank: int, out: dic
             res["invalid"] = "accepted"
         except InvalidRequestError as exc:
             res["invalid"] = str(exc)
-        res["after_cancel_err"] = _rel(runner.generate(good), expected)
+
+        # A cancel check that raises is a failure every rank agrees on.
+        def broken_check() -> bool:
+            raise ValueError("job store unreachable")
+
+        try:
+            runner.generate(good, should_cancel=broken_check)
+            res["cancel_check_raises"] = "no error"
+        except RequestFailedError as exc:
+            res["cancel_check_raises"] = {str(r): m for r, m in exc.failures.items()}
+        steps.clear()
+        latents = runner.generate(good, progress=lambda done, total: steps.append((done, total)))
+        res["after_cancel_err"] = _rel(latents, expected)
+        res["progress"] = steps
         runner.shutdown()
     else:
         runner.serve_one()
         res["cancel"] = repr(runner.last_error)
+        runner.serve_one()
+        res["cancel_check_raises"] = repr(runner.last_error)
         runner.serve_forever()
     res["broken"] = runner.broken
     out["failures"] = res
@@ -569,6 +584,16 @@ def test_cancellation_and_invalid_requests_leave_the_group_usable(request, world
     assert all(r["failures"]["cancel"].startswith("CancelledError") for r in results[1:])
     assert "not divisible by the patch size" in rank0["invalid"]
     assert rank0["after_cancel_err"] <= TOLERANCE
+    assert rank0["progress"] == [[1, 3], [2, 3], [3, 3]]
+
+
+@distributed
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", ["world2", "world4"])
+def test_a_raising_cancel_check_on_rank_0_fails_the_request_everywhere(request, world):
+    results = _results(request, world)
+    assert results[0]["failures"]["cancel_check_raises"] == {"0": "ValueError: job store unreachable"}
+    assert all(r["failures"]["cancel_check_raises"].startswith("RequestFailedError") for r in results[1:])
 
 
 @distributed
