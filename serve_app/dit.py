@@ -122,6 +122,11 @@ class DiTReplica:
         pg = ray.util.get_current_placement_group()
         if pg is None:
             log.warning("DiTReplica has no placement group: workers are scheduled anywhere")
+        elif len(pg.bundle_specs) < self.settings.world_size:
+            raise ValueError(
+                f"DiTReplica needs one placement group bundle per rank: {self.settings.world_size} ranks "
+                f"(sp_degree × cfg_degree) but placement_group_bundles has {len(pg.bundle_specs)}"
+            )
         try:
             tag = serve.get_replica_context().replica_id.unique_id
         except Exception:  # local testing mode has no replica id
