@@ -344,3 +344,26 @@ def test_gpu_suite_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "no CUDA GPU" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_load_generator_against_the_real_server(ray_serve: str, tmp_path: Path) -> None:
+    """Two requests through the real Serve app (tiny preset, 1 DiT rank) under its own prefix."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app({"sp_degree": 1, "state_dir": str(tmp_path / "state"), "worker_num_cpus": 0.2}),
+              name="bench", route_prefix="/bench")
+    try:
+        report = load.main(["run", "--url", ray_serve + "/bench", "--concurrency", "2", "--requests", "2",
+                            "--warmup", "0", "--size", "32x32", "--num-frames", "5", "--steps", "2",
+                            "--poll-interval", "0.2", "--timeout", "200", "--deadline", "250",
+                            "--out-dir", str(tmp_path), "--name", "real"])
+    finally:
+        serve.delete("bench")
+    saved = _read_json(tmp_path / "real.json")
+    assert saved["counts"] == report["counts"]
+    assert saved["counts"]["completed"] == 2, saved["errors"]
+    assert all(r["content_bytes"] > 0 for r in saved["requests"])
