@@ -400,6 +400,8 @@ class LoadRun:
                         if {"created_at", "started_at"} <= r.server.keys()]
         server_gen = [r.server["completed_at"] - r.server["started_at"] for r in done
                       if {"started_at", "completed_at"} <= r.server.keys()]
+        server_total = [r.server["completed_at"] - r.server["created_at"] for r in done
+                        if {"created_at", "completed_at"} <= r.server.keys()]
         client_queue = [r.started_seen - r.accepted for r in done if r.started_seen is not None]
         client_gen = [r.finished_seen - r.started_seen for r in done
                       if r.finished_seen is not None and r.started_seen is not None]
@@ -427,6 +429,7 @@ class LoadRun:
             "accept_latency_s": summarize([r.accepted - r.submitted for r in measured if r.accepted]),
             "queue_wait_s": {"server": summarize(server_queue), "client_polled": summarize(client_queue)},
             "generation_s": {"server": summarize(server_gen), "client_polled": summarize(client_gen)},
+            "server_total_s": summarize(server_total),
             "per_step_s": summarize([g / c.num_inference_steps for g in gen_for_steps]),
             "timestamps_from_server": bool(server_gen),
             "retry_after_s": summarize([r.retry_after for r in measured if r.retry_after is not None]),
@@ -549,11 +552,13 @@ def plot_sweep(report: dict[str, Any], path: Path) -> Path:
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("concurrency")
     ax1.set_ylabel("videos / min")
+    ax1.set_ylim(bottom=0)
     for q in ("p50", "p90", "p99"):
         ax2.plot(xs, [lv["latency_s"][q] for lv in levels], marker="o", label=q)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("concurrency")
     ax2.set_ylabel("end-to-end latency (s)")
+    ax2.set_ylim(bottom=0)
     ax2.legend(fontsize=7)
     fig.suptitle(f"Concurrency sweep: knee at {report['knee_concurrency']}", fontsize=10)
     fig.tight_layout()
