@@ -70,6 +70,8 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # Other work on the machine skews CPU timings; keep the evidence with the numbers.
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -86,9 +88,10 @@ def _rank_main(
     warmup: int,
     device: str,
     gated: bool,
+    threads: int,
     out: str,
 ) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     backend = "nccl" if device == "cuda" else "gloo"
     dev = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
     if device == "cuda":
@@ -134,6 +137,7 @@ def _rank_main(
             "mesh": {"ulysses": mesh.config.ulysses, "ring": mesh.config.ring},
             "backend": backend if world > 1 else "none",
             "gated": comm.gated,
+            "threads_per_rank": torch.get_num_threads(),
             "step_time_s": {
                 "median": statistics.median(per_step),
                 "min": min(per_step),
@@ -161,13 +165,14 @@ def run_one(
     device: str = "cpu",
     gated: bool = True,
     timeout_s: float = 600.0,
+    threads: int = 0,
 ) -> dict:
     """Spawn `degree` ranks for one measurement; raise if they fail or outlive timeout_s."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        args = (degree, port, preset, steps, warmup, device, gated, out)
+        args = (degree, port, preset, steps, warmup, device, gated, threads, out)
         procs = [ctx.Process(target=_rank_main, args=(r, *args)) for r in range(degree)]
         for p in procs:
             p.start()
@@ -205,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="drop the per-collective agreement all-reduces (measures their cost)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per rank (default: cores // degree)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args(argv)
@@ -220,17 +228,26 @@ def main(argv: list[str] | None = None) -> dict:
     for preset in args.presets:
         for degree in args.degrees:
             res = run_one(
-                preset, degree, args.steps, args.warmup, args.device, not args.ungated, args.timeout
+                preset,
+                degree,
+                args.steps,
+                args.warmup,
+                args.device,
+                not args.ungated,
+                args.timeout,
+                args.threads,
             )
             report["results"].append(res)
             sent = max(sum(b.values()) for b in res["bytes_per_step_per_rank"])
             log.info(
-                "%-7s SP=%d (ulysses %d × ring %d): %8.1f ms/step (median), %10.0f bytes/step/rank",
+                "%-7s SP=%d (ulysses %d × ring %d): %8.1f ms/step (median), %8.1f (min), "
+                "%10.0f bytes/step/rank",
                 preset,
                 degree,
                 res["mesh"]["ulysses"],
                 res["mesh"]["ring"],
                 1000 * res["step_time_s"]["median"],
+                1000 * res["step_time_s"]["min"],
                 sent,
             )
     out = args.out or default_output()
