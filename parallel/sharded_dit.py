@@ -64,6 +64,7 @@ class ShardedDiT:
                 f"mesh was built for {self.mesh.num_heads} heads, the model has {model.config.num_heads}"
             )
 
+    @torch.no_grad()
     def identity_cache(self, identity_latents: torch.Tensor, latent_shape: Sequence[int]) -> IdentityCache:
         """This rank's share of the request's identity cache: all identity tokens, its heads.
 
