@@ -372,6 +372,7 @@ def video_object(job: Job) -> dict[str, Any]:
         "guidance_scale": r["guidance_scale"],
         "subject": r["subject"],
         "has_reference": r["has_reference"],
+        "frames_sha256": job.frames_sha256,
         "error": None,
     }
     if job.error_code or job.error_message:

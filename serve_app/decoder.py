@@ -1,8 +1,13 @@
-"""Decoder deployment: latents → VAE decode → H.264 MP4 (in memory) → result storage."""
+"""Decoder deployment: latents → VAE decode → H.264 MP4 (in memory) → result storage.
+
+It also returns the SHA-256 of the decoded uint8 frames: a fingerprint of what the model made,
+independent of the H.264 encoder (whose output bytes can vary with its thread timing).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 
 import torch
@@ -11,7 +16,7 @@ from ray import serve
 from serve_app.models import device_of, load_vae
 from serve_app.results import ResultStore
 from serve_app.settings import ServeSettings
-from standin.video import encode_mp4
+from standin.video import encode_mp4, to_uint8_frames
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +30,14 @@ class Decoder:
         self._lock = asyncio.Lock()
 
     async def decode(self, latents: torch.Tensor, fps: float, key: str) -> dict[str, int | str]:
-        """latents [1, 16, F', H', W'] → stores `key`; returns {"key", "bytes"}."""
+        """latents [1, 16, F', H', W'] → stores `key`; returns {"key", "bytes", "frames_sha256"}."""
         async with self._lock:
-            data = await asyncio.to_thread(self._encode, latents, fps)
+            data, digest = await asyncio.to_thread(self._encode, latents, fps)
         await asyncio.to_thread(self.results.put, key, data)
-        return {"key": key, "bytes": len(data)}
+        return {"key": key, "bytes": len(data), "frames_sha256": digest}
 
     @torch.no_grad()
-    def _encode(self, latents: torch.Tensor, fps: float) -> bytes:
-        video = self.vae.decode(latents.to(self.device))
-        return encode_mp4(video.float().cpu(), fps=fps)
+    def _encode(self, latents: torch.Tensor, fps: float) -> tuple[bytes, str]:
+        video = self.vae.decode(latents.to(self.device)).float().cpu()
+        frames = to_uint8_frames(video)
+        return encode_mp4(frames, fps=fps), hashlib.sha256(frames.tobytes()).hexdigest()

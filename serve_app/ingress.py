@@ -348,7 +348,7 @@ class Ingress:
             if ref is not None:
                 image = decode_data_url(ref, s.max_upload_bytes)
             form = False
-        elif ctype == "multipart/form-data":
+        elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
             fields, image = await _read_form(request, bytes(body))
             form = True
         else:
@@ -498,12 +498,13 @@ class Ingress:
             raise RetryableError("the DiT stream ended without a result")
 
         key = f"{job.id}.mp4"
-        await self.decoder.decode.remote(latents, float(r["fps"]), key)
+        stored = await self.decoder.decode.remote(latents, float(r["fps"]), key)
         done = self.store.finish(
             job.id,
             jobs.COMPLETED,
             progress=100,
             result_key=key,
+            frames_sha256=stored["frames_sha256"],
             expires_at=int(time.time() + self.settings.result_ttl_s),
         )
         if not done:  # deleted while decoding

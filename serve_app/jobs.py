@@ -48,6 +48,7 @@ class Job:
     error_code: str | None = None
     error_message: str | None = None
     result_key: str | None = None
+    frames_sha256: str | None = None  # fingerprint of the decoded frames (before H.264)
     attempts: int = 0
     lease_owner: str | None = None
     lease_expires_at: float | None = None
@@ -124,6 +125,7 @@ _COLUMNS = [
     "error_code",
     "error_message",
     "result_key",
+    "frames_sha256",
     "attempts",
     "lease_owner",
     "lease_expires_at",
@@ -145,6 +147,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_code TEXT,
     error_message TEXT,
     result_key TEXT,
+    frames_sha256 TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     lease_owner TEXT,
     lease_expires_at REAL
