@@ -360,6 +360,7 @@ def video_object(job: Job) -> dict[str, Any]:
         "status": job.status,
         "progress": job.progress,
         "created_at": job.created_at,
+        "started_at": job.started_at,  # when the DiT stage began (queue time = started − created)
         "completed_at": job.completed_at,
         "expires_at": job.expires_at,
         "size": f"{r['width']}x{r['height']}",
