@@ -104,6 +104,9 @@ def to_uint8_frames(video: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+X264_THREADS = 4
+
+
 def encode_mp4(
     video: torch.Tensor | np.ndarray,
     fps: float = DEFAULT_FPS,
@@ -143,6 +146,9 @@ def encode_mp4(
         stream.height = height
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": preset}
+        # x264's output depends on its thread count, which it would otherwise derive from the
+        # CPUs it sees: fixing it makes the same frames give the same bytes on every machine.
+        stream.codec_context.thread_count = X264_THREADS
         # Tag the colour space we convert with, so players do not guess BT.601 for SD sizes.
         ctx = stream.codec_context
         ctx.colorspace = av.video.reformatter.Colorspace.ITU709

@@ -154,3 +154,21 @@ def test_unreadable_bytes_raise_invalid_request(data):
         read_mp4_info(data)
     with pytest.raises(InvalidRequestError):
         decode_mp4(data)
+
+
+def test_same_frames_give_the_same_bytes_whatever_cpus_the_encoder_sees() -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, torch; from standin.video import encode_mp4; torch.manual_seed(0); "
+        "print(hashlib.sha256(encode_mp4(torch.rand(3, 9, 64, 96) * 2 - 1)).hexdigest())"
+    )
+    digests = set()
+    for cpus in ({0}, set(range(os.cpu_count() or 1))):
+        pre = f"import os; os.sched_setaffinity(0, {sorted(cpus)}); "
+        out = subprocess.run([sys.executable, "-c", pre + script], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
