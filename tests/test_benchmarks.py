@@ -367,3 +367,45 @@ def test_load_generator_against_the_real_server(ray_serve: str, tmp_path: Path) 
     assert saved["counts"] == report["counts"]
     assert saved["counts"]["completed"] == 2, saved["errors"]
     assert all(r["content_bytes"] > 0 for r in saved["requests"])
+
+
+@pytest.mark.slow
+def test_serving_overhead_against_the_real_server(ray_serve: str, tmp_path: Path) -> None:
+    """One direct/served pair through the real Serve app (1 DiT rank) under its own prefix."""
+    from ray import serve
+
+    from benchmarks import serving
+    from serve_app.app import build_app
+
+    serve.run(
+        build_app({"sp_degree": 1, "state_dir": str(tmp_path / "state"), "worker_num_cpus": 0.2}),
+        name="overhead",
+        route_prefix="/overhead",
+    )
+    try:
+        report = serving.main(
+            [
+                "--url",
+                ray_serve + "/overhead",
+                "--pairs",
+                "1",
+                "--size",
+                "32x32",
+                "--num-frames",
+                "5",
+                "--steps",
+                "1",
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "o",
+            ]
+        )
+    finally:
+        serve.delete("overhead")
+    saved = _read_json(tmp_path / "o.json")
+    assert saved["result"] == report["result"]
+    assert saved["result"]["direct_s"]["count"] == saved["result"]["served_s"]["count"] == 1
+    assert saved["result"]["overhead_ratio_paired_median"] > 0
+    assert (tmp_path / "o.png").stat().st_size > 0
+    assert serving.variant({"prompt": "p"}, b"img", 3) == ({"prompt": "p (run 3)"}, b"imgrun 3")
