@@ -39,7 +39,7 @@ from serve_app.api import (
     sniff_image,
     video_object,
 )
-from serve_app.jobs import Job, SQLiteJobStore
+from serve_app.jobs import Job, open_job_store
 from serve_app.results import ResultStore
 from serve_app.settings import ServeSettings
 from standin.errors import InvalidImageError, InvalidRequestError
@@ -184,7 +184,7 @@ class Ingress:
         self.preprocessor = preprocessor
         self.dit = dit
         self.decoder = decoder
-        self.store = SQLiteJobStore(settings.job_db)
+        self.store = open_job_store(settings)
         self.results = ResultStore(settings.results_location)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id

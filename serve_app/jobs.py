@@ -6,7 +6,8 @@ ingress replica died) is claimed again by any ingress replica, up to `max_attemp
 Inputs that a retry needs (the uploaded image until it is encoded, then the encoded
 conditioning) are kept as blobs beside the row and deleted when the job ends.
 
-A Redis backend for multi-node clusters implements the same interface (later issue).
+`RedisJobStore` (serve_app/redis_jobs.py) implements the same interface for multi-node clusters;
+`open_job_store` picks one from the settings (`job_store: sqlite | redis`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serve_app.settings import ServeSettings
 
 QUEUED = "queued"
 IN_PROGRESS = "in_progress"
@@ -322,3 +326,16 @@ class SQLiteJobStore(JobStore):
             .fetchall()
         )
         return [self._job(r) for r in rows]  # type: ignore[misc]
+
+
+def open_job_store(settings: ServeSettings) -> JobStore:
+    """The job store the settings name: SQLite on one node, Redis shared across nodes."""
+    if settings.job_store == "sqlite":
+        return SQLiteJobStore(settings.job_db)
+    if settings.job_store == "redis":
+        if not settings.redis_url:
+            raise ValueError("job_store: redis needs redis_url (or STANDIN_REDIS_URL), e.g. redis://host:6379/0")
+        from serve_app.redis_jobs import RedisJobStore  # the redis client is only needed here
+
+        return RedisJobStore(settings.redis_url, prefix=settings.redis_key_prefix)
+    raise ValueError(f"job_store must be 'sqlite' or 'redis', got {settings.job_store!r}")

@@ -47,7 +47,11 @@ class ServeSettings:
     max_prompt_chars: int = 4000
     # jobs and results
     state_dir: str = str(DEFAULT_STATE_DIR)
+    job_store: str = "sqlite"  # sqlite: one node (db_path) | redis: ingress replicas on many nodes
     db_path: str = ""  # "": <state_dir>/jobs.sqlite
+    # redis://[:password@]host:6379/0; with a password, set it from a secret via STANDIN_REDIS_URL
+    redis_url: str = field(default="", repr=False)
+    redis_key_prefix: str = "standin:"  # apps sharing one Redis need distinct prefixes
     results_url: str = ""  # "": <state_dir>/results; or any fsspec URL (s3://bucket/prefix)
     result_ttl_s: float = 24 * 3600.0
     max_active_jobs: int = 64  # queued + in progress; beyond → 429

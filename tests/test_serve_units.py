@@ -1,62 +1,15 @@
-"""Fast checks of serve_app's parts without a Ray cluster: the job store, request parsing, settings,
+"""Fast checks of serve_app's parts without a Ray cluster: request parsing, settings,
 and the DiT deployment's logic in Serve's local testing mode (SP degree 1)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
-from serve_app import jobs
 from serve_app.api import APIError, parse_range, parse_video_request
-from serve_app.jobs import Job, SQLiteJobStore
 from serve_app.settings import ServeSettings
 
-
-def _job(job_id: str, owner: str | None = None, **kw) -> Job:
-    return Job(id=job_id, owner=owner, model="tiny", request={"prompt": "x"}, **kw)
-
-
-def test_job_store_survives_reopening_and_paginates_per_owner(tmp_path):
-    store = SQLiteJobStore(tmp_path / "jobs.sqlite")
-    for i in range(5):
-        store.create(_job(f"j{i}", owner="alice" if i % 2 else None), {"image": b"face"} if i == 0 else None)
-    store.create(_job("b0", owner="bob"))
-    reopened = SQLiteJobStore(tmp_path / "jobs.sqlite")
-    assert reopened.get("j0").request == {"prompt": "x"} and reopened.get_blob("j0", "image") == b"face"
-    assert [j.id for j in reopened.list(None, 2)] == ["j4", "j2"]
-    assert [j.id for j in reopened.list(None, 2, after="j2")] == ["j0"]
-    assert [j.id for j in reopened.list("alice", 10, order="asc")] == ["j1", "j3"]
-    assert reopened.count_active() == 6
-
-
-def test_finished_jobs_drop_blobs_and_cannot_change(tmp_path):
-    store = SQLiteJobStore(tmp_path / "jobs.sqlite")
-    store.create(_job("a"), {"image": b"face"})
-    assert store.finish("a", jobs.COMPLETED, result_key="a.mp4")
-    assert store.get_blob("a", "image") is None
-    assert not store.update("a", progress=3) and not store.finish("a", jobs.FAILED)
-    assert store.get("a").status == jobs.COMPLETED and store.count_active() == 0
-
-
-def test_expired_leases_are_claimed_once_with_an_attempt_counted(tmp_path):
-    store = SQLiteJobStore(tmp_path / "jobs.sqlite")
-    store.create(_job("dead", attempts=1, lease_owner="r1", lease_expires_at=time.time() - 1))
-    store.create(_job("alive", attempts=1, lease_owner="r2", lease_expires_at=time.time() + 60))
-    claimed = store.claim_expired("r3", lease_s=30)
-    assert [(j.id, j.attempts, j.lease_owner) for j in claimed] == [("dead", 2, "r3")]
-    assert store.claim_expired("r4", lease_s=30) == []
-    assert not store.renew_lease("dead", "r1", 30) and store.renew_lease("dead", "r3", 30)
-
-
-def test_results_expire_after_their_ttl(tmp_path):
-    store = SQLiteJobStore(tmp_path / "jobs.sqlite")
-    store.create(_job("old"))
-    store.finish("old", jobs.COMPLETED, expires_at=int(time.time()) - 1)
-    store.create(_job("new"))
-    store.finish("new", jobs.COMPLETED, expires_at=int(time.time()) + 3600)
-    assert [j.id for j in store.expired(time.time())] == ["old"]
+# The job store's contract (both backends) is in tests/test_jobstore.py.
 
 
 SETTINGS = ServeSettings(max_width=256, max_height=256, max_frames=33, max_steps=10, max_prompt_chars=100)
