@@ -21,17 +21,16 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import re
 import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from benchmarks.common import machine
 from parallel import Collectives, DeviceMesh, ParallelConfig, ShardedDiT, init_distributed
 from standin.config import DiTConfig, dit_preset
 from standin.dit import WanDiT
@@ -52,31 +51,6 @@ PRESETS: dict[str, tuple[DiTConfig, tuple[int, ...], tuple[int, ...], int]] = {
         64,
     ),
 }
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        # Other work on the machine skews CPU timings; keep the evidence with the numbers.
-        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpus"] = torch.cuda.device_count()
-    return info
 
 
 def _rank_main(
