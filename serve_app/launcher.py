@@ -114,7 +114,7 @@ def serve_main(
         names = [a.name for a in config.applications]
         wait_until_running(names, ready_timeout_s)
         http = config.http_options
-        print(f"Stand-In Serve is ready at http://{http.host}:{http.port}  (Ctrl-C stops it)", flush=True)
+        log.info("Stand-In Serve is ready at http://%s:%s  (Ctrl-C stops it)", http.host, http.port)
         while block and not stop.wait(1.0):
             pass
         return 0
