@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="HTTP port (default: the config's)")
     srv.add_argument("--num-cpus", type=float, help="CPUs of the local cluster (default: all)")
     srv.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the deployment")
+
+    from standin.training.command import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -208,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
         elif args.command == "serve":
             return serve(args)
+        elif args.command == "train":
+            from standin.training.command import run_train
+
+            print(f"wrote {run_train(args)}")
     except StandInError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
