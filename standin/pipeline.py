@@ -138,6 +138,18 @@ def image_to_video_tensor(image: np.ndarray) -> torch.Tensor:
     return t[None, :, None]
 
 
+def reference_video(image: np.ndarray, size: int) -> torch.Tensor:
+    """`image_to_video_tensor`, resized to size×size when it is not already (the reference size
+    the preset's identity branch was trained on)."""
+    video = image_to_video_tensor(image)
+    if video.shape[-2:] != (size, size):
+        frame = torch.nn.functional.interpolate(
+            video[:, :, 0], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        video = frame.clamp(-1, 1)[:, :, None]
+    return video
+
+
 @dataclass
 class DenoiseInputs:
     """What the denoising loop needs; all tensors already encoded."""
@@ -177,14 +189,15 @@ class StandInPipeline:
         dtype: torch.dtype | None = None,
         seed: int = 0,
     ) -> StandInPipeline:
-        """Build a pipeline. `tiny` uses seeded random weights and needs no files; real presets
-        load a Wan2.1 checkpoint directory (+ Stand-In's LoRA file, looked up there by default).
+        """Build a pipeline. `tiny` loads the trained weights shipped in the package (`seed` is
+        then unused); real presets load a Wan2.1 checkpoint directory (+ Stand-In's LoRA file,
+        looked up there by default).
         Defaults: CUDA and bf16 when a GPU is present, else CPU and float32 (VAE stays float32)."""
         preset = name if isinstance(name, ModelPreset) else get_preset(name)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if not preset.needs_checkpoint:
-            return cls._random(preset, device, dtype, seed)
+            return cls._shipped(preset, device, dtype)
         if checkpoint_dir is None:
             raise CheckpointError(
                 f"preset {preset.name} needs --checkpoint-dir (a Wan2.1 checkpoint directory)"
@@ -200,16 +213,16 @@ class StandInPipeline:
         return cls(dit, vae, text, preset)
 
     @classmethod
-    def _random(
-        cls, preset: ModelPreset, device: torch.device, dtype: torch.dtype, seed: int
+    def _shipped(
+        cls, preset: ModelPreset, device: torch.device, dtype: torch.dtype
     ) -> StandInPipeline:
-        # A private RNG stream: building a model must not disturb the caller's global seed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            dit = WanDiT(preset.dit)
-            vae = WanVAE(preset.vae)
-        dit = dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        vae = vae.to(device=device).eval().requires_grad_(False)
+        """The tiny preset's trained weights (standin/weights/tiny.safetensors, `standin train`)."""
+        from standin.training.tiny_recipe import WEIGHTS_FILE, load_tiny_weights
+
+        dit, vae, meta = load_tiny_weights(WEIGHTS_FILE, preset)
+        dit = dit.to(device=device, dtype=dtype)
+        vae = vae.to(device=device)
+        seed = meta.get("text_encoder_seed", 0)
         text = TextEncoder.tiny(seed, dtype=dtype, device=device, config=preset.text)
         return cls(dit, vae, text, preset)
 
@@ -225,8 +238,9 @@ class StandInPipeline:
 
     @torch.no_grad()
     def encode_identity(self, image: np.ndarray) -> torch.Tensor:
-        """Preprocessed reference uint8 [512, 512, 3] → identity latents [1, 16, 1, 64, 64]."""
-        return self.vae.encode(image_to_video_tensor(image).to(self.device))
+        """Preprocessed reference uint8 [512, 512, 3] → identity latents [1, 16, 1, 64, 64]
+        (at the preset's `reference_size`: tiny was trained on 32² references)."""
+        return self.vae.encode(reference_video(image, self.preset.reference_size).to(self.device))
 
     @torch.no_grad()
     def denoise(

@@ -134,3 +134,39 @@ def sample_grid(pipe: StandInPipeline, clips: list[Clip], seed: int = 0, scale: 
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
     grid = np.concatenate(rows[:-1], axis=0)
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m standin.training.quality [grid.png]`: held-out metrics of the shipped tiny model
+    (and the README's sample grid)."""
+    import argparse
+    import json
+
+    from PIL import Image
+
+    from standin.pipeline import WAN_NEGATIVE_PROMPT
+    from standin.training.tiny_recipe import SyntheticLatents, synthetic_clips, tiny_identities
+
+    parser = argparse.ArgumentParser(prog="python -m standin.training.quality")
+    parser.add_argument("grid", nargs="?", help="write the sample grid PNG here")
+    parser.add_argument("--identities", type=int, default=16)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    pipe = StandInPipeline.from_preset("tiny", device="cpu")
+    _, held_out = tiny_identities()
+    clips = synthetic_clips(held_out[: args.identities], 1, pipe.preset, seed=7)
+    data = SyntheticLatents(clips, pipe.vae, pipe.text_encoder, pipe.preset, WAN_NEGATIVE_PROMPT)
+    refs, truth = [c.reference for c in clips], list(range(len(clips)))
+    report: dict = {"subject_loss": subject_losses(pipe, data, shift_by=1), "chance": 1 / len(clips)}
+    for g in (1.0, 3.0, 5.0):
+        right = retrieval_accuracy(sample_videos(pipe, clips, refs, 1, g), clips, refs, truth)
+        wrong = retrieval_accuracy(sample_videos(pipe, clips, refs[1:] + refs[:1], 1, g), clips, refs, truth)
+        report[f"top1_guidance_{g:g}"] = {"correct_reference": right, "swapped_reference": wrong}
+    print(json.dumps(report, indent=1))
+    if args.grid:
+        Image.fromarray(sample_grid(pipe, clips[:6], seed=1)).save(args.grid, optimize=True)
+        print(f"wrote {args.grid}")
+
+
+if __name__ == "__main__":
+    main()
