@@ -19,7 +19,8 @@ from serve_app.models import device_of, load_encoders
 from serve_app.settings import ServeSettings
 from standin.face import FaceConfig, FacePreprocessor
 from standin.image_io import ImageLimits
-from standin.pipeline import image_to_video_tensor
+from standin.pipeline import reference_video
+from standin.presets import get_preset
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Preprocessor:
         self.settings = settings
         self.device = device_of(settings)
         self.text_encoder, self.vae = load_encoders(settings)
+        self.reference_size = get_preset(settings.preset).reference_size
         limits = ImageLimits(max_bytes=settings.max_upload_bytes)
         self.faces = {
             subject: FacePreprocessor(
@@ -125,7 +127,8 @@ class Preprocessor:
         cached = self.identities.get(key)
         if cached is None:
             reference = self.faces[subject].process_bytes(image).to_array()
-            video = image_to_video_tensor(reference).to(self.device)
+            # The identity branch expects the reference size its preset was trained on.
+            video = reference_video(reference, self.reference_size).to(self.device)
             cached = self.vae.encode(video).float().cpu()
             self.identities.put(key, cached)
         return cached

@@ -106,3 +106,27 @@ def test_dit_deployment_streams_progress_and_matches_the_pipeline():
     error = list(handle.options(stream=True).denoise.remote(params, bad))[-1]
     assert error["event"] == "error" and error["kind"] == "invalid"
     assert handle.stats.remote().result()["completed"] == 1
+
+
+def test_preprocessor_encodes_exactly_what_the_pipeline_encodes():
+    """Local testing mode: the served prompt/identity encodings equal StandInPipeline's (the
+    identity at the preset's trained reference size), so the server and the CLI make one video."""
+    from pathlib import Path
+
+    from ray import serve
+
+    from serve_app.preprocessor import Preprocessor
+    from standin.face import FaceConfig, FacePreprocessor
+    from standin.pipeline import StandInPipeline
+
+    photo = (Path(__file__).parent / "data" / "faces" / "astronaut.jpg").read_bytes()
+    handle = serve.run(Preprocessor.bind(ServeSettings()), _local_testing_mode=True)
+    served = handle.encode.remote("a face", "blurry", photo).result()
+
+    pipe = StandInPipeline.from_preset("tiny")
+    ctx, neg = pipe.encode_prompts("a face", "blurry")
+    identity = pipe.encode_identity(FacePreprocessor(FaceConfig()).process_bytes(photo).to_array())
+    assert identity.shape[-2:] == (pipe.preset.reference_size // 8,) * 2
+    torch.testing.assert_close(served["identity_latents"], identity.cpu())
+    torch.testing.assert_close(served["context"], ctx.cpu())
+    torch.testing.assert_close(served["negative_context"], neg.cpu())
