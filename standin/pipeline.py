@@ -187,11 +187,10 @@ class StandInPipeline:
         standin_checkpoint: Path | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        seed: int = 0,
     ) -> StandInPipeline:
-        """Build a pipeline. `tiny` loads the trained weights shipped in the package (`seed` is
-        then unused); real presets load a Wan2.1 checkpoint directory (+ Stand-In's LoRA file,
-        looked up there by default).
+        """Build a pipeline. `tiny` loads the trained weights shipped in the package; real
+        presets load a Wan2.1 checkpoint directory (+ Stand-In's LoRA file, looked up there by
+        default).
         Defaults: CUDA and bf16 when a GPU is present, else CPU and float32 (VAE stays float32)."""
         preset = name if isinstance(name, ModelPreset) else get_preset(name)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
