@@ -1,5 +1,6 @@
 """`standin` command line: generate a video from a face photo and a prompt, on this machine or
-through a Stand-In Serve server (`--server`), and run that server (`standin serve`)."""
+through a Stand-In Serve server (`--server`), run that server (`standin serve`), and train
+(`standin train`)."""
 
 from __future__ import annotations
 
