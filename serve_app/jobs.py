@@ -13,6 +13,7 @@ conditioning) are kept as blobs beside the row and deleted when the job ends.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from serve_app.settings import ServeSettings
+
+log = logging.getLogger(__name__)
 
 QUEUED = "queued"
 IN_PROGRESS = "in_progress"
@@ -156,8 +159,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_owner TEXT,
     lease_expires_at REAL
 );
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, lease_expires_at);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 CREATE TABLE IF NOT EXISTS blobs (
     job_id TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -165,6 +166,22 @@ CREATE TABLE IF NOT EXISTS blobs (
     PRIMARY KEY (job_id, name)
 );
 """
+# Created after an older file's missing columns are added (they index those columns).
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, lease_expires_at);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
+"""
+
+
+def _job_column_definitions() -> dict[str, str]:
+    """{column: type and constraints} of the jobs table, read from `_SCHEMA`."""
+    body = _SCHEMA.split("CREATE TABLE IF NOT EXISTS jobs (", 1)[1].split(");", 1)[0]
+    columns = {}
+    for line in body.strip().splitlines():
+        name, _, definition = line.strip().rstrip(",").partition(" ")
+        if name not in ("seq", "id"):  # the key columns exist in every version
+            columns[name] = definition
+    return columns
 
 
 class SQLiteJobStore(JobStore):
@@ -176,6 +193,18 @@ class SQLiteJobStore(JobStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._db().executescript(_SCHEMA)  # executescript commits on its own
+        self._add_missing_columns()
+        self._db().executescript(_INDEXES)
+
+    def _add_missing_columns(self) -> None:
+        """Upgrade a job file written by an older version: add the columns it lacks (additive
+        schema changes only), so existing jobs survive a server upgrade."""
+        db = self._db()
+        have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _job_column_definitions().items():
+            if name not in have:
+                log.info("job store %s: adding column %s", self.path, name)
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

@@ -225,3 +225,24 @@ def test_open_job_store_picks_the_backend_from_settings(tmp_path, redis_url: str
         open_job_store(ServeSettings(job_store="redis"))
     with pytest.raises(ValueError, match="job_store"):
         open_job_store(ServeSettings(job_store="postgres"))
+
+
+def test_sqlite_job_file_from_an_older_version_is_upgraded_in_place(tmp_path: Path):
+    """A job file written before a column existed keeps its jobs and accepts new ones."""
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT,"
+        " model TEXT NOT NULL, request TEXT NOT NULL, status TEXT NOT NULL,"
+        " progress INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);"
+        "INSERT INTO jobs (id, model, request, status, created_at)"
+        " VALUES ('old', 'tiny', '{\"prompt\": \"x\"}', 'queued', 1);"
+    )
+    old.commit()
+    old.close()
+    store = SQLiteJobStore(path)
+    assert store.get("old").status == "queued" and store.get("old").attempts == 0
+    store.create(_job("new"))
+    assert store.get("new").frames_sha256 is None and store.count_active() == 2
