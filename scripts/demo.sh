@@ -26,7 +26,7 @@ trap stop_server EXIT
 
 # `--server` waits for GET /healthz (the whole application RUNNING), then submits and polls.
 standin generate --server "http://127.0.0.1:$PORT" --wait-ready 600 \
-  --image tests/data/faces/astronaut.jpg \
-  --prompt "An astronaut smiles at the camera, then turns to look out of the window." \
+  --image examples/glyph_reference.png --subject object \
+  --prompt "moves right on navy" --guidance 3 --seed 1 \
   --output outputs/demo.mp4 "$@" \
   || { echo "generation failed; server log: outputs/serve.log" >&2; tail -n 40 outputs/serve.log >&2; exit 1; }
