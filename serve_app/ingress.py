@@ -40,6 +40,7 @@ from serve_app.api import (
     video_object,
 )
 from serve_app.jobs import Job, open_job_store
+from serve_app.metrics import JobMetrics
 from serve_app.results import ResultStore
 from serve_app.settings import ServeSettings
 from standin.errors import InvalidImageError, InvalidRequestError
@@ -185,6 +186,7 @@ class Ingress:
         self.dit = dit
         self.decoder = decoder
         self.store = open_job_store(settings)
+        self.metrics = JobMetrics(settings.model_name)
         self.results = ResultStore(settings.results_location)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -221,6 +223,7 @@ class Ingress:
         owner = _owner(self.settings, request)
         video = await self._parse(request)
         if self.store.count_active() >= self.settings.max_active_jobs:
+            self.metrics.job_rejected("queue_full")
             raise APIError(
                 429,
                 f"the server has {self.settings.max_active_jobs} jobs queued or running; retry later",
@@ -238,6 +241,7 @@ class Ingress:
             lease_expires_at=time.time() + self.settings.lease_s,
         )
         self.store.create(job, {"image": video.image} if video.image is not None else None)
+        self.metrics.job_accepted()
         self._spawn(job.id)
         log.info("accepted %s (%s)", job.id, job.request["width"])
         return JSONResponse(video_object(job), status_code=202)
@@ -269,6 +273,8 @@ class Ingress:
     async def delete_video(self, video_id: str, request: Request) -> dict[str, Any]:
         job = self._visible(video_id, _owner(self.settings, request))
         self.store.delete(job.id)  # a runner anywhere sees the row gone and stops
+        if not job.terminal:
+            self.metrics.job_finished("cancelled")
         task = self.tasks.get(job.id)
         if task is not None:
             task.cancel()
@@ -433,6 +439,7 @@ class Ingress:
                         )
                         return
                     self.store.update(job_id, attempts=job.attempts + 1, status=jobs.QUEUED)
+                    self.metrics.job_retried()
                     await asyncio.sleep(s.retry_backoff_s * 2 ** (job.attempts - 1))
         except asyncio.CancelledError:
             log.info("%s: runner stopped (deleted, or lease lost)", job_id)
@@ -441,13 +448,15 @@ class Ingress:
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         log.warning("%s failed: %s: %s", job_id, code, message)
-        self.store.finish(
+        done = self.store.finish(
             job_id,
             jobs.FAILED,
             error_code=code,
             error_message=message,
             expires_at=int(time.time() + self.settings.result_ttl_s),
         )
+        if done:
+            self.metrics.job_finished(jobs.FAILED, code)
 
     async def _keep_lease(self, job_id: str, runner: asyncio.Task | None) -> None:
         """Renew the lease; stop the runner when the job was deleted or taken over."""
@@ -471,6 +480,9 @@ class Ingress:
         self.store.update(
             job.id, status=jobs.IN_PROGRESS, started_at=int(time.time()), progress=PREPROCESS_DONE
         )
+        started = time.time()
+        self.metrics.job_started(started - job.created_at)
+        last_step = time.monotonic()
 
         stream = self.dit.options(stream=True).denoise.remote(params, conditioning)
         latents = None
@@ -479,6 +491,9 @@ class Ingress:
             async for event in stream:
                 kind = event["event"]
                 if kind == "progress":
+                    now = time.monotonic()
+                    self.metrics.step(now - last_step)
+                    last_step = now
                     pct = PREPROCESS_DONE + (DENOISE_DONE - PREPROCESS_DONE) * event["step"] // event["total"]
                     if pct != shown:
                         shown = pct
@@ -510,6 +525,8 @@ class Ingress:
         if not done:  # deleted while decoding
             self.results.delete(key)
         else:
+            self.metrics.job_finished(jobs.COMPLETED)
+            self.metrics.job_ran(time.time() - started)
             log.info("%s completed (attempt %d)", job.id, job.attempts)
 
     async def _conditioning(self, job: Job, params: Any) -> dict[str, torch.Tensor | None]:

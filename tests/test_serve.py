@@ -365,6 +365,39 @@ def test_queue_full_gets_429_with_retry_after(client: httpx.Client):
     assert _wait(client, _submit(client)["id"], timeout=60)["status"] == "completed"
 
 
+def _metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_job_metrics_reach_rays_prometheus_endpoint(client: httpx.Client):
+    import ray
+
+    assert _wait(client, _submit(client)["id"])["status"] == "completed"
+    running = _submit(client, **LONG)
+    _wait_progress(client, running["id"], above=5)
+    client.delete(f"/v1/videos/{running['id']}")
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = {
+        ("ray_standin_jobs_accepted_total", ()): 2,
+        ("ray_standin_jobs_finished_total", (("status", "completed"),)): 1,
+        ("ray_standin_jobs_finished_total", (("status", "cancelled"),)): 1,
+        ("ray_standin_denoise_step_seconds_count", ()): 2,
+        ("ray_standin_job_run_seconds_count", ()): 1,
+    }
+    deadline, missing = time.monotonic() + 90, wanted
+    while missing and time.monotonic() < deadline:  # the agent exports every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = {k: v for k, v in wanted.items() if _metric_total(text, k[0], **dict(k[1])) < v}
+        time.sleep(2)
+    assert not missing, missing
+
+
 # -- failures ------------------------------------------------------------------------------------
 
 
