@@ -290,8 +290,7 @@ STAGES = (
 
 def run_breakdown_once(pipeline: Any, face: Any, image_bytes: bytes, params: Any) -> dict[str, float]:
     """One request through every stage; seconds per stage."""
-    from standin.pipeline import DenoiseInputs, initial_noise
-    from standin.scheduler import FlowMatchSchedule
+    from standin.pipeline import DenoiseInputs
     from standin.video import encode_mp4
 
     times: dict[str, float] = {}
@@ -308,14 +307,7 @@ def run_breakdown_once(pipeline: Any, face: Any, image_bytes: bytes, params: Any
     reference = stage("face_preprocess", lambda: face.process_bytes(image_bytes).to_array())
     ctx, neg = stage("text_encode", lambda: pipeline.encode_prompts(params.prompt, params.negative_prompt))
     identity = stage("identity_vae_encode", lambda: pipeline.encode_identity(reference))
-    inputs = DenoiseInputs(
-        noise=initial_noise(params),
-        context=ctx,
-        negative_context=neg,
-        identity_latents=identity,
-        schedule=FlowMatchSchedule(params.num_steps, shift=params.shift),
-        guidance_scale=params.guidance_scale,
-    )
+    inputs = DenoiseInputs.for_request(params, ctx, neg, identity)
     # The real denoise loop builds the cache itself; time that call from inside it (the wrapper
     # lives on this benchmark's own pipeline object only) and count the rest as DiT steps.
     build_times: list[float] = []

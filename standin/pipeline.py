@@ -162,6 +162,25 @@ class DenoiseInputs:
     guidance_scale: float
     cfg_mode: str = "separate"
 
+    @classmethod
+    def for_request(
+        cls,
+        params: GenerationParams,
+        context: torch.Tensor,
+        negative_context: torch.Tensor | None,
+        identity_latents: torch.Tensor | None,
+    ) -> DenoiseInputs:
+        """The request's seeded noise and schedule around its encoded prompts and face."""
+        return cls(
+            noise=initial_noise(params),
+            context=context,
+            negative_context=negative_context,
+            identity_latents=identity_latents,
+            schedule=FlowMatchSchedule(params.num_steps, shift=params.shift),
+            guidance_scale=params.guidance_scale,
+            cfg_mode=params.cfg_mode,
+        )
+
 
 class StandInPipeline:
     """DiT + VAE + text encoder on one device. Holds weights only; every call is independent."""
@@ -311,15 +330,7 @@ class StandInPipeline:
         use_cfg = params.guidance_scale != 1.0
         ctx, neg = self.encode_prompts(params.prompt, params.negative_prompt if use_cfg else None)
         identity = self.encode_identity(identity_image) if identity_image is not None else None
-        inputs = DenoiseInputs(
-            noise=initial_noise(params),
-            context=ctx,
-            negative_context=neg,
-            identity_latents=identity,
-            schedule=FlowMatchSchedule(params.num_steps, shift=params.shift),
-            guidance_scale=params.guidance_scale,
-            cfg_mode=params.cfg_mode,
-        )
+        inputs = DenoiseInputs.for_request(params, ctx, neg, identity)
         latents = self.denoise(inputs, progress, should_cancel)
         return self.decode(latents)
 

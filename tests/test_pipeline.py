@@ -18,10 +18,8 @@ from standin.pipeline import (
     GenerationParams,
     StandInPipeline,
     check_checkpoint_dir,
-    initial_noise,
 )
 from standin.presets import get_preset
-from standin.scheduler import FlowMatchSchedule
 from standin.video import read_mp4_info
 
 SMALL = GenerationParams("a person waves", width=32, height=48, num_frames=5, num_steps=3, seed=7)
@@ -46,15 +44,8 @@ def denoise_inputs(
     pipe: StandInPipeline, params: GenerationParams, image: np.ndarray | None
 ) -> DenoiseInputs:
     ctx, neg = pipe.encode_prompts(params.prompt, params.negative_prompt)
-    return DenoiseInputs(
-        noise=initial_noise(params),
-        context=ctx,
-        negative_context=neg,
-        identity_latents=pipe.encode_identity(image) if image is not None else None,
-        schedule=FlowMatchSchedule(params.num_steps, shift=params.shift),
-        guidance_scale=params.guidance_scale,
-        cfg_mode=params.cfg_mode,
-    )
+    identity = pipe.encode_identity(image) if image is not None else None
+    return DenoiseInputs.for_request(params, ctx, neg, identity)
 
 
 def test_same_seed_same_frames_other_seed_other_frames(pipe: StandInPipeline) -> None:

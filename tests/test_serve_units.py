@@ -77,8 +77,7 @@ def test_dit_deployment_streams_progress_and_matches_the_pipeline():
     from ray import serve
 
     from serve_app.dit import DiTReplica
-    from standin.pipeline import DenoiseInputs, GenerationParams, StandInPipeline, initial_noise
-    from standin.scheduler import FlowMatchSchedule
+    from standin.pipeline import DenoiseInputs, GenerationParams, StandInPipeline
 
     pipe = StandInPipeline.from_preset("tiny")
     params = GenerationParams(prompt="a face", width=32, height=32, num_frames=5, num_steps=3, seed=11)
@@ -90,16 +89,7 @@ def test_dit_deployment_streams_progress_and_matches_the_pipeline():
     events = list(handle.options(stream=True).denoise.remote(params, conditioning))
     assert [e["step"] for e in events[:-1]] == [1, 2, 3] and events[-1]["event"] == "result"
 
-    expected = pipe.denoise(
-        DenoiseInputs(
-            noise=initial_noise(params),
-            context=ctx,
-            negative_context=neg,
-            identity_latents=identity,
-            schedule=FlowMatchSchedule(params.num_steps, shift=params.shift),
-            guidance_scale=params.guidance_scale,
-        )
-    )
+    expected = pipe.denoise(DenoiseInputs.for_request(params, ctx, neg, identity))
     torch.testing.assert_close(events[-1]["latents"], expected, rtol=1e-4, atol=1e-5)
 
     bad = {**conditioning, "context": torch.zeros(1, 4, 3)}
