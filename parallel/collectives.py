@@ -45,10 +45,6 @@ class CommStats:
         self.calls[kind] += 1
         self.bytes_sent[kind] += int(nbytes)
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_sent.values())
-
     def reset(self) -> None:
         self.calls.clear()
         self.bytes_sent.clear()

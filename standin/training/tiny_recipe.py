@@ -33,7 +33,6 @@ from standin.training.synthetic import (
     Clip,
     Identity,
     make_identities,
-    prompt_for,
     render_clip,
     split_identities,
 )
@@ -151,10 +150,6 @@ def synthetic_clips(
                 )
             )
     return clips
-
-
-def all_prompts() -> list[str]:
-    return [prompt_for(d, b) for d in DIRECTIONS for b in BACKGROUNDS]
 
 
 def save_tiny_weights(path: Path, dit: WanDiT, vae: WanVAE, metadata: dict) -> None:
