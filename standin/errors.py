@@ -17,6 +17,10 @@ class InvalidImageError(StandInError, ValueError):
     """An uploaded image cannot be decoded safely."""
 
 
+class InvalidVideoError(StandInError, ValueError):
+    """An uploaded video cannot be decoded safely, or is too short or small to use."""
+
+
 class FaceModelError(StandInError):
     """A face detector or parser model directory or file is missing or broken."""
 
