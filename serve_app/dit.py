@@ -59,9 +59,9 @@ class RankState:
     """What every rank holds: the DiT, its place in the mesh, the runner."""
 
     def __init__(self, settings: ServeSettings, rank: int, address: str | None) -> None:
-        self.device = device_of(settings)
+        self.device = device_of(settings)  # explicit index (cuda:0 for a one-GPU actor)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device)  # init_distributed then binds NCCL to it (device_id)
         model = load_dit(settings)
         world = settings.world_size
         timeout = datetime.timedelta(seconds=settings.collective_timeout_s)

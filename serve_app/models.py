@@ -21,7 +21,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def device_of(settings: ServeSettings) -> torch.device:
-    return torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """This process's device, with an explicit index for CUDA (cuda:0 for a one-GPU Ray actor)."""
+    from parallel.devices import device_environment, resolve_device
+
+    gpu_ids: list[object] = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpu_ids = list(ray.get_gpu_ids())
+    except Exception:  # outside a Ray worker: no scheduler assignment to honour
+        gpu_ids = []
+    return resolve_device(settings.device, device_environment(gpu_ids))
 
 
 def dtype_of(settings: ServeSettings) -> torch.dtype:
