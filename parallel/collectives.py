@@ -164,7 +164,8 @@ class Collectives:
         return torch.stack(chunks)
 
     def ring_shift(self, x: torch.Tensor) -> PendingShift:
-        """Send x to the next rank of this rank's ring, receive the previous rank's (async)."""
+        """Send x to the next rank of this rank's ring, receive the previous rank's (async,
+        grouped with `batch_isend_irecv`)."""
         mesh = self.mesh
         ring = mesh.ring_ranks
         nxt = ring[(mesh.ring_index + 1) % len(ring)]
@@ -172,10 +173,13 @@ class Collectives:
         x = x.contiguous()
         received = torch.empty_like(x)
         self.gate()
+        # One grouped send + receive: NCCL posts both in one group call, so a ring of any size
+        # cannot deadlock on the order of separate sends and receives (gloo runs them as is).
+        ops = [
+            dist.P2POp(dist.isend, x, nxt, mesh.ring_group),
+            dist.P2POp(dist.irecv, received, prev, mesh.ring_group),
+        ]
         with _backend_errors("ring shift"):
-            works = [
-                dist.isend(x, dst=nxt, group=mesh.ring_group),
-                dist.irecv(received, src=prev, group=mesh.ring_group),
-            ]
+            works = dist.batch_isend_irecv(ops)
         self.stats.record("ring_shift", x.nbytes)
         return PendingShift(works, x, received)

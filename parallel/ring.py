@@ -4,6 +4,11 @@ Each of the R ranks of a ring holds the queries and K/V of one super-shard of th
 In R steps every rank sees every K/V block; its partial softmax results are merged exactly
 through their log-sum-exp. The identity K/V joins as one extra block that never leaves the rank.
 Padding (the tail of the last shards) is excluded by slicing each block to its valid keys.
+
+Each block runs a blockwise kernel that returns the log-sum-exp (`parallel.lse_attention`:
+flash-attn or PyTorch's flash kernels; exact chunked math elsewhere), so no block ever holds an
+S_q × S_k float32 score matrix. The K/V shift of the next block is posted (grouped send +
+receive, `Collectives.ring_shift`) before the current block is computed, overlapping the two.
 """
 
 from __future__ import annotations
@@ -11,33 +16,9 @@ from __future__ import annotations
 import torch
 
 from parallel.collectives import Collectives, PendingShift
+from parallel.lse_attention import BlockResult, attention_with_lse, merge
 
 __all__ = ["BlockResult", "attention_with_lse", "merge", "ring_attention"]
-
-# (out [B, Sq, H, D] float32, lse [B, Sq, H] float32)
-BlockResult = tuple[torch.Tensor, torch.Tensor]
-
-
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> BlockResult:
-    """Softmax attention of q [B, Sq, H, D] over k/v [B, Sk, H, D], in float32, plus its
-    log-sum-exp per query and head. Plain math: exact, memory O(Sq·Sk) per head."""
-    scale = q.shape[-1] ** -0.5
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
-    return out, lse.transpose(1, 2)
-
-
-def merge(acc: BlockResult | None, block: BlockResult) -> BlockResult:
-    """Combine two partial attentions over disjoint key sets into the attention over their union."""
-    if acc is None:
-        return block
-    out_a, lse_a = acc
-    out_b, lse_b = block
-    lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a * torch.exp(lse_a - lse)[..., None] + out_b * torch.exp(lse_b - lse)[..., None]
-    return out, lse
 
 
 def ring_attention(
@@ -59,7 +40,7 @@ def ring_attention(
     acc: BlockResult | None = None
     if identity_kv is not None:
         b = q.shape[0]
-        k_id, v_id = (t.to(q.dtype).expand(b, -1, -1, -1) for t in identity_kv)
+        k_id, v_id = (t.to(q.dtype).expand(b, -1, -1, -1).contiguous() for t in identity_kv)
         acc = attention_with_lse(q, k_id, v_id)
     kv = torch.stack([k, v])
     for step in range(size):

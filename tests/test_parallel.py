@@ -23,6 +23,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+import parallel.lse_attention as lse_attention
 from parallel import (
     CollectiveError,
     Collectives,
@@ -36,6 +37,10 @@ from parallel import (
     TokenLayout,
     init_distributed,
 )
+from parallel.failures import apply_nccl_environment, collective_timeout_s, nccl_environment
+from parallel.lse_attention import attention_with_lse, merge, select_lse_backend
+from parallel.weights import load_once_per_node
+from standin.checkpoints import load_wan_dit, save_safetensors_shards
 from standin.config import DiTConfig, dit_preset
 from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError
@@ -90,6 +95,78 @@ def test_single_rank_mesh_runs_without_a_process_group():
     with torch.no_grad():
         ref = model(inputs["latents"], inputs["t"], inputs["context"], cache)
     assert _rel(dit(inputs["latents"], inputs["t"], inputs["context"], cache), ref) <= TOLERANCE
+
+
+def _full_attention_float64(q, k, v):
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * q.shape[-1] ** -0.5
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+    return out, torch.logsumexp(scores, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["cpu_flash", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blockwise_attention_with_lse_equals_full_attention(backend, dtype, monkeypatch):
+    """Every CPU kernel, merged over uneven key blocks, equals one float64 softmax over all keys."""
+    monkeypatch.setattr(lse_attention, "CHUNK_ELEMENTS", 3 * 2 * 50)  # chunks of 1 query row
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=g, dtype=dtype) for n in (37, 50, 50))
+    ref_out, ref_lse = _full_attention_float64(q, k, v)
+    acc = None
+    for start, stop in ((0, 7), (7, 31), (31, 50)):
+        acc = merge(acc, attention_with_lse(q, k[:, start:stop], v[:, start:stop], backend=backend))
+    out, lse = acc
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert _rel(out.double(), ref_out) <= tol
+    assert (lse.double() - ref_lse).abs().max() <= tol * 10
+
+
+def test_chunked_kernel_never_holds_more_scores_than_its_budget(monkeypatch):
+    budget = 4 * 64  # 64 keys × 2 heads × batch 2: one query row per chunk
+    monkeypatch.setattr(lse_attention, "CHUNK_ELEMENTS", budget)
+    biggest = []
+    real_einsum = torch.einsum
+
+    def spy(eq, *ops):
+        out = real_einsum(eq, *ops)
+        if eq.endswith("->bhqk"):
+            biggest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "einsum", spy)
+    q = torch.randn(2, 40, 2, 8)
+    k = v = torch.randn(2, 64, 2, 8)
+    attention_with_lse(q, k, v, backend="chunked")
+    assert len(biggest) == 40 and max(biggest) <= budget
+
+
+def test_lse_backend_selection(monkeypatch):
+    assert select_lse_backend(torch.zeros(1, 1, 1, 8)) == "cpu_flash"
+    assert select_lse_backend(torch.zeros(1, 1, 1, 8, dtype=torch.float16)) == "chunked"
+    monkeypatch.setenv("STANDIN_RING_ATTENTION", "chunked")
+    assert select_lse_backend(torch.zeros(1, 1, 1, 8)) == "chunked"
+    monkeypatch.setenv("STANDIN_RING_ATTENTION", "naive")
+    with pytest.raises(ValueError, match="STANDIN_RING_ATTENTION"):
+        select_lse_backend(torch.zeros(1, 1, 1, 8))
+
+
+def test_collective_timeout_is_sized_from_the_step():
+    assert collective_timeout_s(2.0) == 60.0  # the floor
+    assert collective_timeout_s(60.0) == 240.0  # 4 × the step
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="step_s"):
+            collective_timeout_s(bad)
+
+
+def test_nccl_failure_settings_are_set_before_init_and_the_operator_wins():
+    env = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "100"}
+    applied = apply_nccl_environment(120.0, env, dump_dir="/tmp/nccl")
+    assert applied["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert applied["TORCH_NCCL_BLOCKING_WAIT"] == "0"
+    assert applied["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert applied["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "100"  # already set: kept
+    assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == "/tmp/nccl/nccl_trace_rank_"
+    assert int(nccl_environment(900.0)["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"]) >= 900
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +245,7 @@ class SendRecorder:
         "broadcast": 0,
         "all_reduce": 0,
         "isend": 0,
+        "batch_isend_irecv": 0,
     }
 
     def __init__(self) -> None:
@@ -243,6 +321,13 @@ def _check_mesh(name: str, config: ParallelConfig, model: WanDiT, rec: SendRecor
     lat, ctx, ident = inputs["latents"], inputs["context"], inputs["identity"]
     probes = _identity_probes(model, ident, lat.shape)
     res: dict = {}
+    mesh = comm.mesh
+    res["new_groups"] = mesh.created  # new_group calls (the control group is always one)
+    res["distinct_groups"] = len(mesh.groups)
+    res["all_groups_are_the_default_group"] = all(
+        g is None or g is torch.distributed.group.WORLD
+        for g in (mesh.world_group, mesh.cpu_group, mesh.sp_group, mesh.ulysses_group, mesh.ring_group)
+    )
     rec.reset()
     with torch.no_grad():
         cache = model.identity_cache(ident, lat.shape)
@@ -425,13 +510,93 @@ def _world4(rank: int, rec: SendRecorder) -> dict:
     return out
 
 
+def _weights_scenario(model: WanDiT, tmp: Path, out: dict) -> None:
+    """Rank 0 reads a checkpoint (official layout: DiT shards + LoRA pickle) and broadcasts it;
+    the others never open a file."""
+    ckpt = tmp / "ckpt"
+    reads = {"n": 0}
+
+    def load() -> WanDiT:
+        reads["n"] += 1
+        state = model.state_dict()
+        lora = {k: v for k, v in state.items() if "_loras." in k}
+        save_safetensors_shards(
+            {k: v for k, v in state.items() if k not in lora}, ckpt, 2, "diffusion_pytorch_model"
+        )
+        torch.save(lora, ckpt / "lora.ckpt")
+        return load_wan_dit(ckpt, model.config, lora_path=ckpt / "lora.ckpt", dtype=torch.float32)
+
+    loaded, stats = load_once_per_node(load, lambda: WanDiT(model.config), device="cpu")
+    expected = model.state_dict()
+    got = loaded.state_dict()
+    out["weights"] = {
+        "reads": reads["n"],
+        "equal": sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected),
+        "bytes": stats.bytes,
+        "read_s": stats.read_s,
+    }
+
+
+def _kill_scenario(model: WanDiT, out: dict) -> None:
+    """Rank 2 dies (os._exit) in the middle of a forward; the survivors must raise, not hang.
+    The collective timeout is an hour: only the dead peer's closed connections can end this."""
+    mesh = DeviceMesh(ParallelConfig(ring=3), model.config.num_heads, timeout=datetime.timedelta(hours=1))
+    runner = SPRunner(model, Collectives(mesh))
+    calls = {"n": 0}
+    if mesh.rank == 2:
+        original = model.blocks[1].cross_attn.forward
+
+        def die(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the first forward of the second step
+                out["kill"] = {"died": True}
+                _RESULT["path"].write_text(json.dumps(out))
+                os._exit(0)
+            return original(*args, **kwargs)
+
+        model.blocks[1].cross_attn.forward = die
+    res: dict = {}
+    start = time.monotonic()
+    try:
+        if mesh.rank == 0:
+            runner.generate(_request(_inputs(model.config)))
+        else:
+            runner.serve_forever()
+        res["error"] = "none"
+    except Exception as exc:
+        res["error"] = f"{type(exc).__name__}: {exc}"
+    res["seconds"] = time.monotonic() - start
+    res["broken"] = runner.broken
+    if mesh.rank == 0:
+        try:
+            runner.generate(_request(_inputs(model.config)))
+            res["after"] = "ran"
+        except CollectiveError as exc:
+            res["after"] = f"refused: {exc}"
+    out["kill"] = res
+
+
+def _world3(rank: int, rec: SendRecorder) -> dict:
+    out: dict = {}
+    model = _model(dit_preset("tiny"))
+    _check_mesh("ring3", ParallelConfig(ring=3), model, rec, out)
+    rec.enabled = False
+    _weights_scenario(model, _RESULT["path"].parent, out)
+    _kill_scenario(model, out)  # last: rank 2 exits inside it
+    return out
+
+
+_RESULT: dict = {}
+
+
 def _rank_main(scenario: str, rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     result: dict
+    _RESULT["path"] = Path(out_dir, f"rank{rank}.json")
     try:
         rec = SendRecorder()
         init_distributed(rank, world, f"tcp://127.0.0.1:{port}", timeout=datetime.timedelta(seconds=60))
-        result = {"world2": _world2, "world4": _world4}[scenario](rank, rec)
+        result = {"world2": _world2, "world3": _world3, "world4": _world4}[scenario](rank, rec)
     except BaseException:
         result = {"crash": traceback.format_exc()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -480,6 +645,11 @@ def world2(tmp_path_factory) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
+def world3(tmp_path_factory) -> list[dict]:
+    return _spawn("world3", 3, tmp_path_factory.mktemp("world3"))
+
+
+@pytest.fixture(scope="module")
 def world4(tmp_path_factory) -> list[dict]:
     return _spawn("world4", 4, tmp_path_factory.mktemp("world4"))
 
@@ -489,6 +659,7 @@ def world4(tmp_path_factory) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 W2_MESHES = ["ulysses2", "ring2", "cfg2"]
+W3_MESHES = ["ring3"]
 W4_MESHES = ["ulysses4", "ulysses2_ring2", "cfg2_ulysses2", "cfg2_ring2"]
 distributed = pytest.mark.distributed
 
@@ -498,7 +669,11 @@ def _results(request, world: str) -> list[dict]:
 
 
 def _all_meshes():
-    return [("world2", m) for m in W2_MESHES] + [("world4", m) for m in W4_MESHES]
+    return (
+        [("world2", m) for m in W2_MESHES]
+        + [("world3", m) for m in W3_MESHES]
+        + [("world4", m) for m in W4_MESHES]
+    )
 
 
 @distributed
@@ -604,3 +779,51 @@ def test_stuck_rank_times_out_instead_of_hanging(world2):
     assert res["seconds"] < 5.5, res  # 2 s timeout; the stuck rank sleeps 6 s
     assert res["broken"] and res["after"] == "refused"
     assert world2[1]["timeout"]["error"].startswith("CollectiveError")
+
+
+@distributed
+@pytest.mark.timeout(240)
+def test_ring_shifts_are_grouped_send_receive_pairs(world2, world3):
+    """One batch_isend_irecv per block and step of the ring (NCCL-safe for rings of 3+)."""
+    layers = 2
+    for world, name, ring in ((world2, "ring2", 2), (world3, "ring3", 3)):
+        calls = world[0][name]["calls_per_forward"]
+        assert calls["batch_isend_irecv"] == layers * (ring - 1), calls
+        assert calls["isend"] == layers * (ring - 1), calls
+
+
+@distributed
+@pytest.mark.timeout(240)
+def test_groups_with_the_same_members_share_one_communicator(world2, world4):
+    # Ulysses over the whole world (the Ulysses-8 case on 8 GPUs): world, agreement, SP and
+    # Ulysses groups are all the default group; only the long-timeout control group is new.
+    for res in world2:
+        assert res["ulysses2"]["all_groups_are_the_default_group"]
+        assert res["ulysses2"]["new_groups"] == 1
+        assert res["ulysses2"]["distinct_groups"] == 2
+    # Distinct members still get their own groups: 2 Ulysses pairs + 2 ring pairs + control.
+    for res in world4:
+        assert res["ulysses2_ring2"]["new_groups"] == 5
+        assert res["ulysses2_ring2"]["distinct_groups"] == 4  # world, control, my Ulysses, my ring
+
+
+@distributed
+@pytest.mark.timeout(240)
+def test_weights_are_read_by_one_rank_and_broadcast(world3):
+    assert [r["weights"]["reads"] for r in world3] == [1, 0, 0]
+    assert all(r["weights"]["equal"] for r in world3)
+    assert world3[1]["weights"]["bytes"] == world3[0]["weights"]["bytes"] > 0
+
+
+@distributed
+@pytest.mark.timeout(240)
+def test_a_rank_killed_mid_step_makes_the_survivors_fail_fast_and_the_replica_refuse_work(world3):
+    """Crash-only: survivors raise CollectiveError (the collective timeout is an hour, the spawn
+    deadline 100 s: only the dead peer's closed connections can have ended the step), mark the
+    runner broken (the replica's health check fails) and refuse the next request."""
+    assert world3[2]["kill"] == {"died": True}
+    for rank in (0, 1):
+        res = world3[rank]["kill"]
+        assert res["error"].startswith("CollectiveError"), (rank, res)
+        assert res["broken"], (rank, res)
+    assert world3[0]["kill"]["after"].startswith("refused")
