@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.errors import ParallelConfigError
+from parallel.errors import CollectiveError, ParallelConfigError
 
 __all__ = ["DeviceMesh", "ParallelConfig", "init_distributed"]
 
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 # Workers wait this long for the next request on the control group before giving up.
 DEFAULT_IDLE_TIMEOUT = datetime.timedelta(days=7)
+# The timeout init_distributed gave the default group: a mesh with the same timeout reuses that
+# group (and its communicator) for its world-sized groups instead of creating an identical one.
+_default_group_timeout: datetime.timedelta | None = None
 
 
 def _divisors(n: int) -> list[int]:
@@ -97,19 +100,49 @@ def init_distributed(
     init_method: str,
     backend: str = "gloo",
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    device: torch.device | str | None = None,
 ) -> None:
-    """Join the default process group; its collectives raise after `timeout` instead of hanging."""
+    """Join the default process group; its collectives raise after `timeout` instead of hanging.
+
+    NCCL: the process group is bound to `device` (default: the current CUDA device, which the
+    caller set with `torch.cuda.set_device`), so its communicator is created now, on the right
+    GPU, and the `TORCH_NCCL_*` failure settings (`parallel.failures.apply_nccl_environment`)
+    are applied first unless the environment already sets them.
+    """
+    global _default_group_timeout
+    device_id = None
+    if backend == "nccl":
+        from parallel.failures import apply_nccl_environment
+
+        apply_nccl_environment(timeout.total_seconds())
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        device_id = torch.device(device)
+        if device_id.index is None:
+            raise ValueError(f"NCCL needs a device with an index (cuda:N), got {device_id}")
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        device_id=device_id,
     )
+    _default_group_timeout = timeout
 
 
 class DeviceMesh:
     """This rank's place in the mesh and the process groups it talks over.
 
-    Groups of a degree-1 dimension are None (nothing to talk about). `cpu_group` (gloo) carries
-    the tiny agreement all-reduces and error messages, so that they never synchronise a GPU
-    stream; `control_group` (gloo, long timeout) carries request headers to idle workers.
+    Groups of a degree-1 dimension are None (nothing to talk about). Groups with the same
+    members share one process group (one NCCL communicator): for Ulysses-8 on 8 ranks the
+    world, SP and Ulysses groups are all the default group. Every group this rank belongs to
+    is warmed up with one tiny collective here, so communicators exist before the first
+    request (and a broken interconnect fails the replica's start, not a job).
+
+    `cpu_group` (gloo) carries the tiny agreement all-reduces and error messages, so that they
+    never synchronise a GPU stream; `control_group` (gloo, long timeout) carries request
+    headers to idle workers.
     """
 
     def __init__(
@@ -117,12 +150,13 @@ class DeviceMesh:
         config: ParallelConfig,
         num_heads: int,
         device: torch.device | str = "cpu",
-        timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+        timeout: datetime.timedelta | None = None,
         idle_timeout: datetime.timedelta = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         """Build the groups. Every rank must call this with the same arguments, in the same order
         relative to other group creations (torch.distributed.new_group is collective).
 
+        timeout: of the data and agreement groups; None: the default group's (init_distributed).
         A world of 1 needs no initialised process group.
         """
         initialised = dist.is_available() and dist.is_initialized()
@@ -133,6 +167,9 @@ class DeviceMesh:
         self.device = torch.device(device)
         self.rank = dist.get_rank() if initialised else 0
         self.world_size = world_size
+        if timeout is None:
+            timeout = _default_group_timeout or DEFAULT_TIMEOUT
+        self.timeout = timeout
 
         u, r = config.ulysses, config.ring
         self.cfg_index, rest = divmod(self.rank, r * u)
@@ -143,51 +180,97 @@ class DeviceMesh:
         # Global ranks of this rank's ring, in ring order (for point-to-point sends).
         self.ring_ranks = [self._rank_of(self.cfg_index, j, self.ulysses_index) for j in range(r)]
         self.cfg_ranks = [self._rank_of(c, self.ring_index, self.ulysses_index) for c in range(config.cfg)]
+        # (members, backend, timeout) → group; `created`: how many new_group calls this mesh made.
+        self._groups: dict[tuple, dist.ProcessGroup] = {}
+        self.created = 0
         if world_size == 1:
             return
 
-        # Same loops, same order on every rank; keep the groups this rank belongs to.
+        # Same loops, same order on every rank (so the deduplicated new_group calls match);
+        # keep the groups this rank belongs to.
         backend = dist.get_backend()
-        self.world_group = dist.new_group(list(range(world_size)), timeout=timeout, backend=backend)
-        self.cpu_group = dist.new_group(list(range(world_size)), timeout=timeout, backend="gloo")
-        self.control_group = dist.new_group(list(range(world_size)), timeout=idle_timeout, backend="gloo")
+        everyone = list(range(world_size))
+        self.world_group = self._group(everyone, backend, timeout)
+        self.cpu_group = self._group(everyone, "gloo", timeout)
+        self.control_group = self._group(everyone, "gloo", idle_timeout)
         for c in range(config.cfg):
             sp_ranks = [self._rank_of(c, j, i) for j in range(r) for i in range(u)]
-            group = self._new_group(sp_ranks, timeout, backend)
+            group = self._group(sp_ranks, backend, timeout)
             if c == self.cfg_index:
                 self.sp_group = group
             for j in range(r):
-                group = self._new_group([self._rank_of(c, j, i) for i in range(u)], timeout, backend)
+                group = self._group([self._rank_of(c, j, i) for i in range(u)], backend, timeout)
                 if (c, j) == (self.cfg_index, self.ring_index):
                     self.ulysses_group = group
             for i in range(u):
-                group = self._new_group([self._rank_of(c, j, i) for j in range(r)], timeout, backend)
+                group = self._group([self._rank_of(c, j, i) for j in range(r)], backend, timeout)
                 if (c, i) == (self.cfg_index, self.ulysses_index):
                     self.ring_group = group
         for j in range(r):
             for i in range(u):
-                group = self._new_group([self._rank_of(c, j, i) for c in range(config.cfg)], timeout, backend)
+                group = self._group([self._rank_of(c, j, i) for c in range(config.cfg)], backend, timeout)
                 if (j, i) == (self.ring_index, self.ulysses_index):
                     self.cfg_group = group
+        self._warm_up()
         log.debug(
-            "rank %d: mesh %s, coordinates cfg=%d ring=%d ulysses=%d",
+            "rank %d: mesh %s, coordinates cfg=%d ring=%d ulysses=%d, %d new groups",
             self.rank,
             config,
             self.cfg_index,
             self.ring_index,
             self.ulysses_index,
+            self.created,
         )
+
+    @property
+    def groups(self) -> list[dist.ProcessGroup]:
+        """The distinct process groups this rank is a member of (one communicator each)."""
+        mine: list[dist.ProcessGroup] = []
+        for (members, _, _), group in self._groups.items():
+            if self.rank in members and all(group is not g for g in mine):
+                mine.append(group)
+        return mine
+
+    def _group(
+        self, ranks: list[int], backend: str, timeout: datetime.timedelta
+    ) -> dist.ProcessGroup | None:
+        # Degree-1 groups are never used; creating them anyway would only cost sockets.
+        if len(ranks) == 1:
+            return None
+        key = (tuple(ranks), backend, timeout)
+        if key not in self._groups:
+            if (
+                len(ranks) == self.world_size
+                and backend == dist.get_backend()
+                and timeout == _default_group_timeout
+            ):
+                self._groups[key] = dist.group.WORLD  # the default group, already connected
+            else:
+                self._groups[key] = dist.new_group(ranks, timeout=timeout, backend=backend)
+                self.created += 1
+        return self._groups[key]
+
+    def _warm_up(self) -> None:
+        """One tiny all-reduce on every group of this rank, in creation order (the same global
+        order on every rank, so no two ranks wait on each other's groups): NCCL creates its
+        communicators now instead of inside the first request."""
+        for (members, backend, _), group in self._groups.items():
+            if self.rank not in members:
+                continue
+            probe = torch.ones(1, device="cpu" if backend == "gloo" else self.device)
+            try:
+                dist.all_reduce(probe, group=group)
+            except Exception as exc:
+                raise CollectiveError(
+                    f"rank {self.rank}: warm-up all-reduce over ranks {list(members)} ({backend}) "
+                    f"failed: {exc}"
+                ) from exc
+            if int(probe.item()) != len(members):
+                raise CollectiveError(f"warm-up all-reduce over {list(members)} returned {probe.item()}")
 
     def _rank_of(self, cfg_index: int, ring_index: int, ulysses_index: int) -> int:
         c = self.config
         return (cfg_index * c.ring + ring_index) * c.ulysses + ulysses_index
-
-    @staticmethod
-    def _new_group(ranks: list[int], timeout: datetime.timedelta, backend: str) -> dist.ProcessGroup | None:
-        # Degree-1 groups are never used; creating them anyway would only cost sockets.
-        if len(ranks) == 1:
-            return None
-        return dist.new_group(ranks, timeout=timeout, backend=backend)
 
     @property
     def sp_rank(self) -> int:
