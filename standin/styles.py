@@ -1,8 +1,9 @@
 """Style LoRAs: community LoRA files loaded as small objects and applied per request, unmerged.
 
 A `StyleLoRA` is built from one `.safetensors` file and never touches the model's weights. A
-request's `StyleSet` (a list of (style, user scale)) is passed to the DiT forward, which calls
-`StyleSet.linear(name, x, y)` after every base linear layer of the blocks; it returns
+request's `StyleSet` (a list of (style, user scale)) is passed to the DiT forward as its
+`adapters`, and the forward calls `StyleSet.linear(name, x, y)` after every base linear layer
+(blocks, text/time embeddings, head); it returns
 
     y + Σ_styles  s · (alpha / rank) · (x · Aᵀ) · Bᵀ  +  s · x · diffᵀ  +  s · diff_b
 
@@ -124,19 +125,6 @@ _DIFFUSERS_MARKERS = (
     "proj_out",
     "scale_shift_table",
 )
-# The linear layers of a block the unmerged forward adapts (`StyleSet.linear` is called after each).
-BLOCK_LINEARS = (
-    "self_attn.q",
-    "self_attn.k",
-    "self_attn.v",
-    "self_attn.o",
-    "cross_attn.q",
-    "cross_attn.k",
-    "cross_attn.v",
-    "cross_attn.o",
-    "ffn.0",
-    "ffn.2",
-)
 
 
 class StyleLoRAError(StandInError, ValueError):
@@ -174,7 +162,10 @@ def style_targets(model: nn.Module | DiTConfig) -> dict[str, Target]:
         if leaf not in ("weight", "bias"):
             module, leaf = name, "weight"  # a bare parameter (modulation): its own target
         shapes.setdefault(module, {})[leaf] = tuple(p.shape)
-    applicable = {f"blocks.{i}.{layer}" for i in range(len(model.blocks)) for layer in BLOCK_LINEARS}
+    # The forward calls `StyleSet.linear` after every base linear layer: those are adaptable.
+    applicable = {
+        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and "_loras" not in name
+    }
     return {
         name: Target(s["weight"], s.get("bias"), name in applicable)
         for name, s in shapes.items()
@@ -347,16 +338,15 @@ def _check_file(path: Path, max_bytes: int) -> int:
         )
     with path.open("rb") as f:
         head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    if len(head) == 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len <= min(size - 8, _MAX_HEADER_BYTES) and head[8:9] == b"{":
+            return size
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
         raise StyleLoRAError(
             f"{path.name}: this is a torch pickle (zip or pickle stream), not safetensors; refused"
         )
-    if len(head) < 9:
-        raise StyleLoRAError(f"{path.name}: too short to be a safetensors file ({size} bytes)")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if header_len > min(size - 8, _MAX_HEADER_BYTES) or head[8:9] != b"{":
-        raise StyleLoRAError(f"{path.name}: not a safetensors file (bad header)")
-    return size
+    raise StyleLoRAError(f"{path.name}: not a safetensors file (bad header)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
@@ -511,8 +501,8 @@ def parse_state_dict(
         layers[ours] = delta
     if unreachable:
         raise StyleLoRAError(
-            f"{source}: changes layers the unmerged forward does not adapt (only the blocks' "
-            f"attention and FFN linear layers): {_list(unreachable)}"
+            f"{source}: changes layers the unmerged forward does not adapt (only linear layers): "
+            f"{_list(unreachable)}"
         )
     if not layers:
         raise StyleLoRAError(f"{source}: changes no layer (every delta is zero)")
@@ -589,8 +579,8 @@ def _layer_delta(name: str, slot: dict[str, torch.Tensor], target: Target, sourc
 class StyleSet:
     """The styles of one request: (style, user scale) pairs, applied unmerged in the forward.
 
-    Implements the DiT's adapter seam: `linear(name, x, y)` is called after every base linear
-    layer of the blocks and returns y plus every style's delta for that layer. Holds no state
+    Implements the DiT's `LinearAdapters` seam (standin/forward_plan.py): `linear(name, x, y)` is
+    called after every base linear layer and returns y plus every style's delta for that layer. Holds no state
     between calls, so one StyleSet may serve both CFG passes, the identity cache and every
     sequence-parallel rank (each applies it to its own tokens).
     """

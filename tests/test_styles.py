@@ -173,6 +173,26 @@ def test_diff_and_diff_b_keys_and_diffusers_lora_b_bias_are_full_deltas(tmp_path
     torch.testing.assert_close(style.layers["blocks.1.self_attn.o"].diff_b, b)
 
 
+def test_layers_outside_the_blocks_load_too(tmp_path: Path) -> None:
+    # step-distillation LoRAs (CausVid, lightx2v) also change the head and time projection
+    g = torch.Generator().manual_seed(4)
+    out_dim = 16 * 4
+    tensors = {
+        "diffusion_model.head.head.lora_down.weight": torch.randn(2, CFG.dim, generator=g),
+        "diffusion_model.head.head.lora_up.weight": torch.randn(out_dim, 2, generator=g),
+        "diffusion_model.head.head.diff_b": torch.randn(out_dim, generator=g),
+        "diffusion_model.time_projection.1.diff_b": torch.randn(6 * CFG.dim, generator=g),
+        "diffusion_model.text_embedding.0.diff": torch.randn(CFG.dim, CFG.text_dim, generator=g),
+    }
+    style = StyleLoRA.load(write(tmp_path / "distill.safetensors", tensors), CFG)
+    assert set(style.layers) == {"head.head", "time_projection.1", "text_embedding.0"}
+    diffusers = {
+        "transformer.condition_embedder.time_proj.lora_B.bias": torch.randn(6 * CFG.dim, generator=g)
+    }
+    style = StyleLoRA.load(write(tmp_path / "d.safetensors", diffusers), CFG)
+    assert set(style.layers) == {"time_projection.1"}
+
+
 def test_describe_lists_name_format_rank_layers_bytes_and_sha256(tmp_path: Path) -> None:
     import hashlib
 
@@ -245,12 +265,9 @@ def test_unsupported_variants_and_unreachable_layers_are_refused(tmp_path: Path)
     tensors["base_model.model.blocks.0.attn1.to_q.lora_magnitude_vector.default.weight"] = torch.ones(CFG.dim)
     with pytest.raises(StyleLoRAError, match="DoRA files are not supported"):
         StyleLoRA.load(write(tmp_path / "dora.safetensors", tensors), CFG)
-    head = {
-        "diffusion_model.head.head.lora_down.weight": torch.ones(2, CFG.dim),
-        "diffusion_model.head.head.lora_up.weight": torch.ones(64, 2),
-    }
-    with pytest.raises(StyleLoRAError, match="does not adapt .*head.head"):
-        StyleLoRA.load(write(tmp_path / "head.safetensors", head), CFG)
+    conv = {"diffusion_model.patch_embedding.diff": torch.ones(CFG.dim, 16, 1, 2, 2)}
+    with pytest.raises(StyleLoRAError, match="does not adapt .*patch_embedding"):
+        StyleLoRA.load(write(tmp_path / "conv.safetensors", conv), CFG)
     nonzero_norm = {"diffusion_model.blocks.0.norm3.diff": torch.ones(CFG.dim)}
     with pytest.raises(StyleLoRAError, match="blocks.0.norm3"):
         StyleLoRA.load(write(tmp_path / "norm.safetensors", nonzero_norm), CFG)
