@@ -1,10 +1,7 @@
-"""The DiT forward over one sequence-parallel group, composed from `WanDiT`'s public pieces.
+"""The DiT over one sequence-parallel group: the sharding parallel/ plugs into `WanDiT.forward`.
 
-Every rank of the SP group: patchify → pad the tokens to a multiple of the SP degree and keep
-its shard → RoPE tables from the shard's global positions → every block with
-`SequenceParallelAttention` and the rank's head slice of the identity cache → head → all-gather
-→ unpatchify. Every rank ends with the whole velocity (latents stay replicated, so the Euler
-step needs no communication).
+Latents stay replicated on every rank and every rank ends with the whole velocity, so the
+Euler step needs no communication.
 """
 
 from __future__ import annotations
@@ -19,9 +16,9 @@ from parallel.attention import SequenceParallelAttention
 from parallel.collectives import Collectives
 from parallel.mesh import DeviceMesh
 from standin.dit import IdentityCache, WanDiT
-from standin.rope import video_positions
+from standin.forward_plan import ForwardPlan, LinearAdapters
 
-__all__ = ["ShardedDiT", "TokenLayout"]
+__all__ = ["SequenceSharding", "SequenceShards", "ShardedDiT", "TokenLayout"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +49,50 @@ class TokenLayout:
         return part.contiguous()
 
 
+class SequenceShards:
+    """This rank's token shard of one forward: shard, attend across the group, gather.
+
+    A `standin.forward_plan.TokenSharding`: the DiT's forward runs unchanged on the shard.
+    """
+
+    def __init__(self, comm: Collectives, num_tokens: int) -> None:
+        self.comm = comm
+        self.layout = TokenLayout(num_tokens, comm.mesh.config.sp_degree)
+        self.attention = SequenceParallelAttention(comm, num_tokens, self.layout.shard_len)
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] → this rank's [B, S_loc, ...] (zero padding at the end of the sequence)."""
+        return self.layout.shard(x, self.comm.mesh.sp_rank)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S_loc, ...] on every rank → [B, S, ...] on every rank (padding dropped)."""
+        mesh = self.comm.mesh
+        shards = self.comm.all_gather(x, mesh.sp_group, mesh.config.sp_degree)
+        return shards.movedim(0, 1).flatten(1, 2)[:, : self.layout.num_tokens]
+
+
+@dataclass(frozen=True)
+class SequenceSharding:
+    """The `ShardingFactory` of a sequence-parallel group: a `SequenceShards` per forward."""
+
+    comm: Collectives
+
+    def __call__(self, num_tokens: int) -> SequenceShards:
+        return SequenceShards(self.comm, num_tokens)
+
+    @property
+    def head_range(self) -> tuple[int, int]:
+        return self.comm.mesh.head_range
+
+
 class ShardedDiT:
-    """A `WanDiT` run over the SP group of `comm.mesh`. Holds no request state."""
+    """A `WanDiT` run over the SP group of `comm.mesh`. Holds no request state.
+
+    The model's own `forward` and `identity_cache` run on every rank with a plan whose sharding
+    is `SequenceSharding`: patchify → this rank's shard of the tokens (with their global RoPE
+    positions) → every block with `SequenceParallelAttention` and the rank's head slice of the
+    identity cache → head → all-gather. Every rank ends with the whole velocity.
+    """
 
     def __init__(self, model: WanDiT, comm: Collectives) -> None:
         self.model = model
@@ -63,20 +102,21 @@ class ShardedDiT:
             raise ValueError(
                 f"mesh was built for {self.mesh.num_heads} heads, the model has {model.config.num_heads}"
             )
+        self.plan = ForwardPlan(sharding=SequenceSharding(comm))
 
     @torch.no_grad()
-    def identity_cache(self, identity_latents: torch.Tensor, latent_shape: Sequence[int]) -> IdentityCache:
+    def identity_cache(
+        self,
+        identity_latents: torch.Tensor,
+        latent_shape: Sequence[int],
+        adapters: LinearAdapters | None = None,
+    ) -> IdentityCache:
         """This rank's share of the request's identity cache: all identity tokens, its heads.
 
-        identity_latents [B_id, C_in, 1, h, w]. Computed locally on every rank (the identity
-        tokens are replicated); only the Ulysses head slice is kept ([B_id, S_id, H/U, D] per
-        layer). No communication.
+        identity_latents [B_id, C_in, 1, h, w] → per layer [B_id, S_id, H/U, D]. Computed locally
+        on every rank (the identity tokens are replicated). No communication.
         """
-        full = self.model.identity_cache(identity_latents, latent_shape)
-        start, stop = self.mesh.head_range
-        if (start, stop) == (0, self.model.config.num_heads):
-            return full
-        return full.heads(start, stop)
+        return self.model.identity_cache(identity_latents, latent_shape, adapters, self.plan)
 
     @torch.no_grad()
     def forward(
@@ -85,6 +125,7 @@ class ShardedDiT:
         timestep: torch.Tensor,
         context: torch.Tensor,
         identity: IdentityCache | None = None,
+        adapters: LinearAdapters | None = None,
     ) -> torch.Tensor:
         """Same contract as `WanDiT.forward`, run by every rank of the SP group.
 
@@ -92,37 +133,6 @@ class ShardedDiT:
         identity: this rank's cache from `identity_cache` or None → velocity [B, C_out, F, H, W]
         float32, identical on every rank of the SP group.
         """
-        model, mesh = self.model, self.mesh
-        grid = model.token_grid(latents.shape)
-        if identity is not None:
-            model.check_identity(identity, grid, latents.shape[0])
-            self._check_identity_heads(identity)
-        layout = TokenLayout(math.prod(grid), mesh.config.sp_degree)
-        index = mesh.sp_rank
-
-        x = layout.shard(model.patchify(latents), index)
-        # Global positions of this shard's tokens; padding gets position 0 (its output is dropped).
-        positions = layout.shard(video_positions(*grid, device=x.device)[None], index)[0]
-        rope = model.rope(positions)
-        t_emb, t_mod = model.time_modulation(timestep)
-        ctx = model.embed_text(context)
-        attend = SequenceParallelAttention(self.comm, layout.num_tokens, layout.shard_len)
-        for i, block in enumerate(model.blocks):
-            kv = identity.layer(i) if identity is not None else None
-            x = block(x, t_mod, ctx, rope, kv, video_attention=attend)
-        out = model.head(x, t_emb).float()  # [B, S_loc, out_dim * prod(patch)]
-
-        shards = self.comm.all_gather(out, mesh.sp_group, mesh.config.sp_degree)
-        tokens = shards.movedim(0, 1).flatten(1, 2)[:, : layout.num_tokens]
-        return model.unpatchify(tokens, grid)
+        return self.model(latents, timestep, context, identity, adapters, self.plan)
 
     __call__ = forward
-
-    def _check_identity_heads(self, identity: IdentityCache) -> None:
-        start, stop = self.mesh.head_range
-        heads = identity.keys[0].shape[2]
-        if heads != stop - start:
-            raise ValueError(
-                f"identity cache holds {heads} heads, this rank computes heads [{start}, {stop}): "
-                "build it with ShardedDiT.identity_cache on this mesh"
-            )

@@ -11,33 +11,30 @@ per request, and every denoising step (positive and negative pass) reuses them e
 
 Numerics follow the official model: the residual stream and adaLN modulation are float32,
 linear layers run in the weights' dtype.
+
+`forward` and `identity_cache` are the model's only forwards: sequence parallelism, training and
+per-request features plug in through a `ForwardPlan` and `LinearAdapters` (standin/forward_plan.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from standin.attention import attention, restricted_attention
+from standin.attention import attention
 from standin.config import DiTConfig
+from standin.forward_plan import LOCAL, ForwardPlan, LinearAdapters, SkipRest, VideoAttention
 from standin.lora import LoRA
 from standin.rope import apply_rope, identity_positions, rope_angles, video_positions
 
-__all__ = ["DiTConfig", "IdentityCache", "Rope", "VideoAttention", "WanDiT"]
+__all__ = ["DiTConfig", "IdentityCache", "Rope", "WanDiT"]
 
 # (cos, sin) tables [S, head_dim/2] for the tokens a forward processes.
 Rope = tuple[torch.Tensor, torch.Tensor]
-
-# Video self-attention kernel: (q, k, v [B, S, H, D], identity (k, v) or None) -> [B, S, H, D].
-# The default is `restricted_attention`; parallel/ passes its sequence-parallel version.
-VideoAttention = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor] | None"],
-    torch.Tensor,
-]
 
 
 @dataclass
@@ -67,6 +64,10 @@ class IdentityCache:
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.keys[0].shape[2]
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -98,12 +99,25 @@ class LayerNorm(nn.LayerNorm):
         return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
-class _Projections(nn.Module):
-    """q/k/v/o projections with RMS-normalised queries and keys (both attention kinds)."""
+def _linear(
+    layer: nn.Linear, name: str, x: torch.Tensor, adapters: LinearAdapters | None
+) -> torch.Tensor:
+    """A base linear layer (input cast to its dtype) plus the request's adapters on it, if any."""
+    x = _cast_like(x, layer)
+    y = layer(x)
+    return y if adapters is None else adapters.linear(name, x, y)
 
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+
+class _Projections(nn.Module):
+    """q/k/v/o projections with RMS-normalised queries and keys (both attention kinds).
+
+    `prefix` is the module's parameter prefix (`blocks.3.self_attn`), the name adapters see.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float, prefix: str) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.prefix = prefix
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -111,19 +125,26 @@ class _Projections(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+    def project(self, which: str, x: torch.Tensor, adapters: LinearAdapters | None) -> torch.Tensor:
+        """x [B, S, C] through projection `which` (q, k, v or o) and the request's adapters."""
+        return _linear(getattr(self, which), f"{self.prefix}.{which}", x, adapters)
+
 
 class SelfAttention(_Projections):
-    def __init__(self, dim: int, num_heads: int, eps: float, lora_rank: int) -> None:
-        super().__init__(dim, num_heads, eps)
+    def __init__(self, dim: int, num_heads: int, eps: float, lora_rank: int, prefix: str) -> None:
+        super().__init__(dim, num_heads, eps, prefix)
         if lora_rank > 0:
             self.q_loras = LoRA(dim, dim, lora_rank)
             self.k_loras = LoRA(dim, dim, lora_rank)
             self.v_loras = LoRA(dim, dim, lora_rank)
         self.has_lora = lora_rank > 0
 
-    def qkv(self, x: torch.Tensor, rope: Rope, identity: bool) -> tuple[torch.Tensor, ...]:
-        """x [B, S, C] (weights' dtype) → q, k, v [B, S, H, D]; LoRA only for identity tokens."""
-        q, k, v = self.q(x), self.k(x), self.v(x)
+    def qkv(
+        self, x: torch.Tensor, rope: Rope, identity: bool, adapters: LinearAdapters | None
+    ) -> tuple[torch.Tensor, ...]:
+        """x [B, S, C] → q, k, v [B, S, H, D]; Stand-In's LoRA only for identity tokens."""
+        x = _cast_like(x, self.q)
+        q, k, v = (self.project(name, x, adapters) for name in "qkv")
         if identity and self.has_lora:
             q = q + self.q_loras(x)
             k = k + self.k_loras(x)
@@ -132,27 +153,32 @@ class SelfAttention(_Projections):
         k = apply_rope(self.norm_k(k).unflatten(-1, (self.num_heads, -1)), *rope)
         return q, k, v.unflatten(-1, (self.num_heads, -1))
 
-    def out(self, x: torch.Tensor) -> torch.Tensor:
+    def out(self, x: torch.Tensor, adapters: LinearAdapters | None) -> torch.Tensor:
         """[B, S, H, D] → [B, S, C]."""
-        return self.o(x.flatten(-2))
+        return self.project("o", x.flatten(-2), adapters)
 
 
 class CrossAttention(_Projections):
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, adapters: LinearAdapters | None
+    ) -> torch.Tensor:
         """x [B, S, C], context [B, L, C] (embedded text) → [B, S, C]."""
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(context)).unflatten(-1, heads)
-        v = self.v(context).unflatten(-1, heads)
-        return self.o(attention(q, k, v).flatten(-2))
+        q = self.norm_q(self.project("q", x, adapters)).unflatten(-1, heads)
+        k = self.norm_k(self.project("k", context, adapters)).unflatten(-1, heads)
+        v = self.project("v", context, adapters).unflatten(-1, heads)
+        return self.project("o", attention(q, k, v).flatten(-2), adapters)
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, cfg: DiTConfig) -> None:
+    """One Wan block; `prefix` (`blocks.3`) names its layers for per-request adapters."""
+
+    def __init__(self, cfg: DiTConfig, prefix: str) -> None:
         super().__init__()
         dim = cfg.dim
-        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, cfg.lora_rank)
-        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.prefix = prefix
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, cfg.lora_rank, f"{prefix}.self_attn")
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, f"{prefix}.cross_attn")
         self.norm1 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.norm2 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.norm3 = LayerNorm(dim, eps=cfg.eps)
@@ -165,8 +191,11 @@ class DiTBlock(nn.Module):
         """t_mod [B, 6, C] float32 → six [B, 1, C]: shift/scale/gate for attention, then FFN."""
         return (self.modulation.float() + t_mod).chunk(6, dim=1)
 
-    def _ffn(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self.ffn(_cast_like(self.norm2(x) * (1 + scale) + shift, self.ffn[0]))
+    def _ffn(
+        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, adapters: LinearAdapters | None
+    ) -> torch.Tensor:
+        h = _linear(self.ffn[0], f"{self.prefix}.ffn.0", self.norm2(x) * (1 + scale) + shift, adapters)
+        return _linear(self.ffn[2], f"{self.prefix}.ffn.2", self.ffn[1](h), adapters)
 
     def forward(
         self,
@@ -175,18 +204,24 @@ class DiTBlock(nn.Module):
         context: torch.Tensor,
         rope: Rope,
         identity_kv: tuple[torch.Tensor, torch.Tensor] | None,
-        video_attention: VideoAttention = restricted_attention,
+        video_attention: VideoAttention,
+        adapters: LinearAdapters | None = None,
     ) -> torch.Tensor:
         """Video tokens x [B, S, C] float32 → [B, S, C] float32."""
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self._modulation(t_mod)
-        h = _cast_like(self.norm1(x) * (1 + scale_a) + shift_a, self.self_attn.q)
-        q, k, v = self.self_attn.qkv(h, rope, identity=False)
-        x = x + self.self_attn.out(video_attention(q, k, v, identity_kv)).float() * gate_a
-        x = x + self.cross_attn(_cast_like(self.norm3(x), self.cross_attn.q), context).float()
-        return x + self._ffn(x, shift_f, scale_f).float() * gate_f
+        h = self.norm1(x) * (1 + scale_a) + shift_a
+        q, k, v = self.self_attn.qkv(h, rope, identity=False, adapters=adapters)
+        x = x + self.self_attn.out(video_attention(q, k, v, identity_kv), adapters).float() * gate_a
+        x = x + self.cross_attn(self.norm3(x), context, adapters).float()
+        return x + self._ffn(x, shift_f, scale_f, adapters).float() * gate_f
 
     def identity_forward(
-        self, x: torch.Tensor, t_mod: torch.Tensor, rope: Rope, last: bool
+        self,
+        x: torch.Tensor,
+        t_mod: torch.Tensor,
+        rope: Rope,
+        last: bool,
+        adapters: LinearAdapters | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Identity tokens x [B, S_id, C] float32 through this block (timestep-0 t_mod).
 
@@ -195,12 +230,12 @@ class DiTBlock(nn.Module):
         dropped, so `last` skips its FFN.
         """
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self._modulation(t_mod)
-        h = _cast_like(self.norm1(x) * (1 + scale_a) + shift_a, self.self_attn.q)
-        q, k, v = self.self_attn.qkv(h, rope, identity=True)
+        h = self.norm1(x) * (1 + scale_a) + shift_a
+        q, k, v = self.self_attn.qkv(h, rope, identity=True, adapters=adapters)
         if last:
             return x, k, v
-        x = x + self.self_attn.out(attention(q, k, v)).float() * gate_a
-        return x + self._ffn(x, shift_f, scale_f).float() * gate_f, k, v
+        x = x + self.self_attn.out(attention(q, k, v), adapters).float() * gate_a
+        return x + self._ffn(x, shift_f, scale_f, adapters).float() * gate_f, k, v
 
 
 def _cast_like(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -214,10 +249,12 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t_emb: torch.Tensor, adapters: LinearAdapters | None = None
+    ) -> torch.Tensor:
         """x [B, S, C] float32, t_emb [B, C] float32 → [B, S, out_dim * prod(patch)]."""
         shift, scale = (self.modulation.float() + t_emb[:, None, :]).chunk(2, dim=1)
-        return self.head(_cast_like(self.norm(x) * (1 + scale) + shift, self.head))
+        return _linear(self.head, "head.head", self.norm(x) * (1 + scale) + shift, adapters)
 
 
 class WanDiT(nn.Module):
@@ -235,10 +272,10 @@ class WanDiT(nn.Module):
             nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim)
         )
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, c.dim * 6))
-        self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(DiTBlock(c, f"blocks.{i}") for i in range(c.num_layers))
         self.head = Head(c)
 
-    # -- pieces of the forward, public so parallel/ can compose them over shards ----------
+    # -- pieces of the forward ------------------------------------------------------------
 
     def token_grid(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
         """(frames, rows, columns) of tokens for latents of shape [..., F, H, W]."""
@@ -266,30 +303,40 @@ class WanDiT(nn.Module):
     def rope(self, positions: torch.Tensor) -> Rope:
         return rope_angles(positions, self.config.head_dim)
 
-    def video_rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
-        return self.rope(video_positions(*grid, device=device))
-
-    def time_modulation(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def time_modulation(
+        self, timestep: torch.Tensor, adapters: LinearAdapters | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] → (t_emb [B, C], t_mod [B, 6, C]), both float32."""
-        emb_in = sinusoidal_embedding(self.config.freq_dim, timestep)
-        t_emb = self.time_embedding(_cast_like(emb_in, self.time_embedding[0])).float()
-        t_mod = self.time_projection(_cast_like(t_emb, self.time_projection[1])).float()
+        emb = self.time_embedding
+        sinusoid = sinusoidal_embedding(self.config.freq_dim, timestep)
+        h = _linear(emb[0], "time_embedding.0", sinusoid, adapters)
+        t_emb = _linear(emb[2], "time_embedding.2", emb[1](h), adapters).float()
+        proj = self.time_projection
+        t_mod = _linear(proj[1], "time_projection.1", proj[0](_cast_like(t_emb, proj[1])), adapters).float()
         return t_emb, t_mod.unflatten(1, (6, self.config.dim))
 
-    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+    def embed_text(self, context: torch.Tensor, adapters: LinearAdapters | None = None) -> torch.Tensor:
         """[B, L, text_dim] → [B, L, C] in the weights' dtype."""
-        return self.text_embedding(_cast_like(context, self.text_embedding[0]))
+        emb = self.text_embedding
+        h = _linear(emb[0], "text_embedding.0", context, adapters)
+        return _linear(emb[2], "text_embedding.2", emb[1](h), adapters)
 
     # -- the two entry points ----------------------------------------------------------
 
     def identity_cache(
-        self, identity_latents: torch.Tensor, latent_shape: Sequence[int]
+        self,
+        identity_latents: torch.Tensor,
+        latent_shape: Sequence[int],
+        adapters: LinearAdapters | None = None,
+        plan: ForwardPlan = LOCAL,
     ) -> IdentityCache:
         """Run the identity tokens through every block once; keep each layer's K/V.
 
         identity_latents: [B_id, C_in, 1, h, w], the VAE latent of the face image.
         latent_shape: the shape of the video latents ([..., F, H, W]) it will condition;
-        identity rows/columns are placed right after that video grid.
+        identity rows/columns are placed right after that video grid. The identity tokens are
+        never sharded: every process computes all of them and keeps the heads its plan's
+        sharding names (all by default).
         """
         if identity_latents.ndim != 5:
             raise ValueError(
@@ -298,18 +345,23 @@ class WanDiT(nn.Module):
         grid = self.token_grid(latent_shape)
         _, id_h, id_w = self.token_grid(identity_latents.shape)
         x = self.patchify(identity_latents)
-        positions = identity_positions(id_h, id_w, grid[1], grid[2], device=x.device)
-        rope = self.rope(positions)
-        zero_t = torch.zeros(x.shape[0], device=x.device)
-        _, t_mod = self.time_modulation(zero_t)
+        rope = self.rope(identity_positions(id_h, id_w, grid[1], grid[2], device=x.device))
+        _, t_mod = self.time_modulation(torch.zeros(x.shape[0], device=x.device), adapters)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            x, k, v = block.identity_forward(x, t_mod, rope, last=i == len(self.blocks) - 1)
+            last = i == len(self.blocks) - 1
+            x, k, v = plan.run_block(block.identity_forward, x, t_mod, rope, last, adapters)
             keys.append(k)
             values.append(v)
-        return IdentityCache(keys, values, grid)
+        cache = IdentityCache(keys, values, grid)
+        heads = plan.sharding.head_range
+        if heads is None or heads == (0, self.config.num_heads):
+            return cache
+        return cache.heads(*heads)
 
-    def check_identity(self, identity: IdentityCache, grid: tuple[int, int, int], batch: int) -> None:
+    def check_identity(
+        self, identity: IdentityCache, grid: tuple[int, int, int], batch: int, plan: ForwardPlan = LOCAL
+    ) -> None:
         if identity.video_grid[1:] != grid[1:]:
             raise ValueError(
                 f"identity cache was built for a {identity.video_grid} token grid, "
@@ -319,6 +371,12 @@ class WanDiT(nn.Module):
             raise ValueError(
                 f"identity cache has batch {identity.batch_size}, latents have batch {batch}"
             )
+        start, stop = plan.sharding.head_range or (0, self.config.num_heads)
+        if identity.num_heads != stop - start:
+            raise ValueError(
+                f"identity cache holds {identity.num_heads} heads, this process computes heads "
+                f"[{start}, {stop}): build it with the same plan as the forward"
+            )
 
     def forward(
         self,
@@ -326,19 +384,33 @@ class WanDiT(nn.Module):
         timestep: torch.Tensor,
         context: torch.Tensor,
         identity: IdentityCache | None = None,
+        adapters: LinearAdapters | None = None,
+        plan: ForwardPlan = LOCAL,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity.
 
         latents [B, C_in, F, H, W], timestep [B] (0…1000), context [B, L, text_dim],
-        identity: the request's cache, or None for plain Wan2.1 → [B, C_out, F, H, W] float32.
+        identity: the request's cache, or None for plain Wan2.1; adapters: the request's style
+        adapters; plan: how the forward runs (sharding, block execution, hooks)
+        → [B, C_out, F, H, W] float32 (every token's, on every process of a sharded plan).
         """
         grid = self.token_grid(latents.shape)
         if identity is not None:
-            self.check_identity(identity, grid, latents.shape[0])
-        x = self.patchify(latents)
-        rope = self.video_rope(grid, x.device)
-        t_emb, t_mod = self.time_modulation(timestep)
-        ctx = self.embed_text(context)
+            self.check_identity(identity, grid, latents.shape[0], plan)
+        sharding = plan.sharding(math.prod(grid))
+        x = sharding.shard(self.patchify(latents))
+        # Global positions of this process's tokens (padding, if any, is dropped by `gather`).
+        positions = sharding.shard(video_positions(*grid, device=x.device)[None])[0]
+        rope = self.rope(positions)
+        t_emb, t_mod = self.time_modulation(timestep, adapters)
+        ctx = self.embed_text(context, adapters)
         for i, block in enumerate(self.blocks):
-            x = block(x, t_mod, ctx, rope, identity.layer(i) if identity is not None else None)
-        return self.unpatchify(self.head(x, t_emb).float(), grid)
+            kv = identity.layer(i) if identity is not None else None
+            x = plan.run_block(block, x, t_mod, ctx, rope, kv, sharding.attention, adapters)
+            if plan.after_block is not None:
+                x = plan.after_block(i, x)
+                if isinstance(x, SkipRest):
+                    x = x.x
+                    break
+        out = self.head(x, t_emb, adapters).float()  # [B, S_loc, out_dim * prod(patch)]
+        return self.unpatchify(sharding.gather(out), grid)

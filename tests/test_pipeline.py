@@ -67,7 +67,10 @@ def test_cached_identity_equals_rebuilding_it_every_call(pipe: StandInPipeline) 
 def test_batched_cfg_equals_two_passes(pipe: StandInPipeline) -> None:
     separate = pipe.denoise(denoise_inputs(pipe, SMALL, face()))
     batched = pipe.denoise(denoise_inputs(pipe, replace(SMALL, cfg_mode="batched"), face()))
-    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)
+    # fp32 GEMMs of batch 2 and batch 1 round differently (by ~1e-5 absolute after 8 steps,
+    # depending on the threads' blocking): compare relative to the output's scale.
+    err = (batched - separate).abs().max() / separate.abs().max()
+    assert err <= 2e-5, f"relative error {err:.2e}"
 
 
 def test_guidance_combines_the_two_predictions(pipe: StandInPipeline) -> None:

@@ -30,11 +30,10 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from standin.dit import IdentityCache, WanDiT
+from standin.dit import WanDiT
+from standin.forward_plan import LOCAL, ForwardPlan, checkpointed_blocks
 from standin.lora import LoRA
-from standin.rope import identity_positions
 from standin.scheduler import DEFAULT_SHIFT, FlowMatchSchedule
 
 log = logging.getLogger(__name__)
@@ -133,49 +132,14 @@ def add_identity_lora(dit: WanDiT, rank: int, seed: int = 0) -> WanDiT:
 
 # -- the loss -----------------------------------------------------------------------------
 
+CHECKPOINTED = ForwardPlan(run_block=checkpointed_blocks)
+
 
 def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """[n] noise levels drawn uniformly from the sampler's own shifted schedule (1000 points)."""
     schedule = FlowMatchSchedule(1000, shift=shift)
     idx = torch.randint(0, 1000, (n,), generator=generator)
     return schedule.sigmas[idx]
-
-
-def identity_cache_checkpointed(
-    dit: WanDiT, identity_latents: torch.Tensor, latent_shape: torch.Size
-) -> IdentityCache:
-    """`WanDiT.identity_cache` with each block recomputed in the backward pass (saves memory)."""
-    grid = dit.token_grid(latent_shape)
-    _, id_h, id_w = dit.token_grid(identity_latents.shape)
-    x = dit.patchify(identity_latents)
-    rope = dit.rope(identity_positions(id_h, id_w, grid[1], grid[2], device=x.device))
-    _, t_mod = dit.time_modulation(torch.zeros(x.shape[0], device=x.device))
-    keys, values = [], []
-    for i, block in enumerate(dit.blocks):
-        last = i == len(dit.blocks) - 1
-        x, k, v = checkpoint(block.identity_forward, x, t_mod, rope, last, use_reentrant=False)
-        keys.append(k)
-        values.append(v)
-    return IdentityCache(keys, values, grid)
-
-
-def forward_checkpointed(
-    dit: WanDiT,
-    latents: torch.Tensor,
-    timestep: torch.Tensor,
-    context: torch.Tensor,
-    identity: IdentityCache | None,
-) -> torch.Tensor:
-    """`WanDiT.forward` composed from its public pieces, each block under activation checkpointing."""
-    grid = dit.token_grid(latents.shape)
-    x = dit.patchify(latents)
-    rope = dit.video_rope(grid, x.device)
-    t_emb, t_mod = dit.time_modulation(timestep)
-    ctx = dit.embed_text(context)
-    for i, block in enumerate(dit.blocks):
-        kv = identity.layer(i) if identity is not None else None
-        x = checkpoint(block, x, t_mod, ctx, rope, kv, use_reentrant=False)
-    return dit.unpatchify(dit.head(x, t_emb).float(), grid)
 
 
 def predict_velocity(
@@ -186,16 +150,15 @@ def predict_velocity(
     identity_latents: torch.Tensor | None,
     gradient_checkpointing: bool = False,
 ) -> torch.Tensor:
-    """The DiT's velocity for noisy latents [B, 16, F, h, w]; identity built like inference does."""
-    if gradient_checkpointing:
-        cache = (
-            identity_cache_checkpointed(dit, identity_latents, noisy.shape)
-            if identity_latents is not None
-            else None
-        )
-        return forward_checkpointed(dit, noisy, timestep, context, cache)
-    cache = dit.identity_cache(identity_latents, noisy.shape) if identity_latents is not None else None
-    return dit(noisy, timestep, context, cache)
+    """The DiT's velocity for noisy latents [B, 16, F, h, w]; identity built like inference does.
+
+    The model's own forward and identity cache; `gradient_checkpointing` recomputes every block
+    (video and identity) in the backward pass."""
+    plan = CHECKPOINTED if gradient_checkpointing else LOCAL
+    cache = None
+    if identity_latents is not None:
+        cache = dit.identity_cache(identity_latents, noisy.shape, plan=plan)
+    return dit(noisy, timestep, context, cache, plan=plan)
 
 
 def flow_matching_loss(

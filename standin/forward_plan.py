@@ -1,0 +1,137 @@
+"""How one DiT forward is executed, passed into `WanDiT` rather than subclassed or copied.
+
+`WanDiT.forward` and `WanDiT.identity_cache` are the only forwards of the model. What differs
+between inference on one device, sequence parallelism, training and the features built on them
+enters through a `ForwardPlan`:
+
+- `sharding`: which video tokens this process holds, how their outputs are gathered, and which
+  attention runs on them (`parallel/` supplies a sequence-parallel one; the default is the whole
+  sequence with `restricted_attention`);
+- `run_block`: how a block is called (training passes activation checkpointing);
+- `after_block`: a per-call hook after every block (VACE hints, step caching); it may return
+  `SkipRest` to end the block loop early.
+
+Per-request changes of the weights themselves (style LoRAs) are `LinearAdapters`, passed with
+the request. Nothing here holds request state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from standin.attention import restricted_attention
+
+__all__ = [
+    "LOCAL",
+    "WHOLE_SEQUENCE",
+    "BlockHook",
+    "ForwardPlan",
+    "LinearAdapters",
+    "SkipRest",
+    "TokenSharding",
+    "VideoAttention",
+    "WholeSequence",
+    "checkpointed_blocks",
+]
+
+# Video self-attention kernel: (q, k, v [B, S, H, D], identity (k, v) or None) -> [B, S, H, D].
+VideoAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor] | None"],
+    torch.Tensor,
+]
+
+
+class LinearAdapters(Protocol):
+    """Per-request additions to the base linear layers (e.g. style LoRAs), never merged.
+
+    Called after every base `nn.Linear` of the DiT with the layer's parameter prefix
+    (`blocks.3.self_attn.q`, `blocks.3.ffn.0`, `head.head`, …), its input x [..., in] and the
+    base output y [..., out]; returns y plus the adapters' contribution.
+    """
+
+    def linear(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class TokenSharding(Protocol):
+    """Which of the S video tokens this process computes, for one forward."""
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] → this process's tokens [B, S_loc, ...]."""
+        ...
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's outputs [B, S_loc, ...] → every token's [B, S, ...]."""
+        ...
+
+    @property
+    def attention(self) -> VideoAttention: ...
+
+
+class ShardingFactory(Protocol):
+    """Makes the sharding of a forward over `num_tokens` video tokens."""
+
+    def __call__(self, num_tokens: int) -> TokenSharding: ...
+
+    @property
+    def head_range(self) -> tuple[int, int] | None:
+        """The attention heads [start, stop) this process keeps of the identity cache (None: all)."""
+        ...
+
+
+class WholeSequence:
+    """Every token on this process and `restricted_attention` on all heads (its own factory)."""
+
+    head_range = None
+
+    def __call__(self, num_tokens: int) -> WholeSequence:
+        return self
+
+    @property
+    def attention(self) -> VideoAttention:
+        return restricted_attention
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+WHOLE_SEQUENCE = WholeSequence()
+
+
+@dataclass(frozen=True)
+class SkipRest:
+    """Returned by an `after_block` hook: stop the block loop, continue with `x` (step caching)."""
+
+    x: torch.Tensor
+
+
+# (block index, video tokens after that block [B, S_loc, C] float32) → new tokens, or SkipRest.
+BlockHook = Callable[[int, torch.Tensor], "torch.Tensor | SkipRest"]
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def checkpointed_blocks(fn: Callable[..., Any], *args: Any) -> Any:
+    """A `run_block` that recomputes the block in the backward pass (saves activation memory)."""
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How one forward runs (see the module docstring); the default runs on one process."""
+
+    sharding: ShardingFactory = WHOLE_SEQUENCE
+    run_block: Callable[..., Any] = _call
+    after_block: BlockHook | None = None
+
+
+LOCAL = ForwardPlan()
