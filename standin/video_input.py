@@ -73,15 +73,19 @@ VFR_TOLERANCE = 0.05
 class VideoLimits:
     """Bounds an uploaded video must respect; checked from the header and while decoding.
 
-    The defaults admit up to 720p (Wan2.1's largest trained size, 1280×720 either way up) and
-    about 10 s at 30 fps; the server exposes them as settings.
+    Face swap and VACE generate as many frames as the input has (the largest 4k + 1), at its
+    size, so the defaults stay near what Wan2.1 generates: frames up to 720p (1280×720 either
+    way up, its largest trained size), up to 241 frames (15 s at 16 fps) and 30 s, and at most
+    121 frames' worth of 720p pixels in all (241 frames at 832×480 fit). Decoding holds the
+    frames twice at its peak (3 bytes per pixel each: ~670 MB at the default total). The
+    server exposes every field as a setting.
     """
 
     max_bytes: int = 100 * 1024 * 1024
     max_duration_s: float = 30.0
-    max_frames: int = 321
+    max_frames: int = 241
     max_pixels_per_frame: int = 1280 * 720
-    max_total_pixels: int = 1280 * 720 * 321
+    max_total_pixels: int = 1280 * 720 * 121
     min_side: int = 16
 
 
@@ -117,7 +121,7 @@ class DecodedVideo:
 
 
 def decode_video(data: bytes, limits: VideoLimits | None = None) -> DecodedVideo:
-    """Decode an uploaded video's first video stream into RGB frames.
+    """Decode an uploaded video's first video stream (cover pictures skipped) into RGB frames.
 
     Args:
         data: the file's bytes, as uploaded.
@@ -140,7 +144,7 @@ def decode_video(data: bytes, limits: VideoLimits | None = None) -> DecodedVideo
     family = sniff_container(data)
     container = _open(data, family, limits)
     try:
-        stream = container.streams.video[0]
+        stream = _first_video_stream(container)
         codec = _check_header(container, stream, limits)
         decoded, times, matrix = _decode_frames(container, stream, limits)
         expected = stream.frames
@@ -212,11 +216,19 @@ def _open(data: bytes, family: str, limits: VideoLimits) -> av.container.InputCo
         raise InvalidVideoError(
             f"cannot read the {family} container: truncated or corrupt ({_reason(e)})"
         ) from e
-    if not container.streams.video:
+    if _first_video_stream(container) is None:
         container.close()
         raise InvalidVideoError("the file has no video stream")
-    container.streams.video[0].codec_context.options = codec_options
+    _first_video_stream(container).codec_context.options = codec_options
     return container
+
+
+def _first_video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
+    """The first video stream that is not a cover picture (MP4/MKV may carry one)."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    return None
 
 
 def _check_header(

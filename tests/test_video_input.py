@@ -282,6 +282,27 @@ def test_audio_only_file_is_refused() -> None:
     assert_clean_refusal(buffer.getvalue(), "no video stream")
 
 
+def test_cover_picture_stream_is_skipped() -> None:
+    # An MP4 whose first video stream is a cover picture (MJPEG, attached_pic), then the video.
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=MP4) as container:
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 32, 32, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        picture = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+        picture.pts = 0
+        container.mux(cover.encode(picture))
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(frame_pattern(i, 48, 64), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    video = decode_video(buffer.getvalue())
+    assert video.codec == "h264" and video.frames.shape == (5, 48, 64, 3)
+
+
 def test_codec_outside_the_list_is_refused() -> None:
     assert_clean_refusal(
         encode(3, 64, 48, codec="mjpeg", fmt=MKV, pix_fmt="yuvj420p"), "codec 'mjpeg' is not accepted"
