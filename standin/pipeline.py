@@ -33,6 +33,7 @@ from standin.presets import (
 )
 from standin.scheduler import FlowMatchSchedule
 from standin.text_encoder import TextEncoder
+from standin.tiny_weights import TINY_WEIGHTS, load_tiny_weights
 from standin.vae import WanVAE, load_wan_vae
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,7 @@ class StandInPipeline:
         cls, preset: ModelPreset, device: torch.device, dtype: torch.dtype
     ) -> StandInPipeline:
         """The tiny preset's trained weights (standin/weights/tiny.safetensors, `standin train`)."""
-        from standin.training.tiny_recipe import WEIGHTS_FILE, load_tiny_weights
-
-        dit, vae, meta = load_tiny_weights(WEIGHTS_FILE, preset)
+        dit, vae, meta = load_tiny_weights(TINY_WEIGHTS, preset)
         dit = dit.to(device=device, dtype=dtype)
         vae = vae.to(device=device)
         seed = meta.get("text_encoder_seed", 0)

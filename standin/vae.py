@@ -38,7 +38,7 @@ WAN21_LATENT_STD: tuple[float, ...] = (
 )  # fmt: skip
 
 # Video frames per encoder chunk after the first frame (one latent frame each).
-_ENCODE_CHUNK_FRAMES = 4
+ENCODE_CHUNK_FRAMES = 4
 
 
 @dataclass(frozen=True)
@@ -415,11 +415,15 @@ class WanVAE(nn.Module):
         Returns the normalized posterior mean, (mu - mean) / std, in float32.
         """
         self._check_video(video)
+        return self.encode_latents(video)
+
+    def encode_latents(self, video: torch.Tensor) -> torch.Tensor:
+        """`encode` without its input checks and with autograd as the caller has it (training)."""
         x = video.to(self._param_dtype())
         cache = CausalCache()
         chunks = [x[:, :, :1]]
         if x.shape[2] > 1:  # split() of an empty tensor would yield one empty chunk
-            chunks += x[:, :, 1:].split(_ENCODE_CHUNK_FRAMES, dim=2)
+            chunks += x[:, :, 1:].split(ENCODE_CHUNK_FRAMES, dim=2)
         h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
         mu = self.conv1(h)[:, : self.config.z_dim].float()
         mean, std = self._stats(mu.device)
@@ -447,11 +451,10 @@ class WanVAE(nn.Module):
                 f"tile_overlap must be in [0, tile_size), got overlap {tile_overlap} "
                 f"with tile_size {tile_size}"
             )
-        mean, std = self._stats(latents.device)
-        z = (latents.float() * std + mean).to(self._param_dtype())
+        if tile_size is None or max(latents.shape[-2:]) <= tile_size:
+            return self.decode_frames(latents)
+        z = self._unnormalize(latents)
         b, _, _, h, w = z.shape
-        if tile_size is None or (h <= tile_size and w <= tile_size):
-            return self._decode_frames(z)
         s = self.config.spatial_factor
         out = torch.zeros(b, 3, self._num_frames(z), h * s, w * s, device=z.device)
         weight = torch.zeros(1, 1, 1, h * s, w * s, device=z.device)
@@ -465,18 +468,29 @@ class WanVAE(nn.Module):
                 weight[..., r0 * s : r1 * s, c0 * s : c1 * s] += mask
         return out / weight
 
+    def decode_frames(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Normalized latents [B, 16, T, h, w] → float32 video, one latent frame at a time, untiled,
+        with autograd as the caller has it (training decodes with clamp=False)."""
+        return self._decode_frames(self._unnormalize(latents), clamp)
+
+    def _unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latents.device)
+        return (latents.float() * std + mean).to(self._param_dtype())
+
     def _num_frames(self, z: torch.Tensor) -> int:
         return 1 + self.config.temporal_factor * (z.shape[2] - 1)
 
-    def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
-        """Unnormalized z: [B, 16, T, h, w] -> clamped float32 video, one latent frame at a time."""
+    def _decode_frames(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Unnormalized z: [B, 16, T, h, w] -> float32 video, one latent frame at a time."""
         s, tf = self.config.spatial_factor, self.config.temporal_factor
         b, _, t, h, w = z.shape
         x = self.conv2(z)
         out = torch.empty(b, 3, self._num_frames(z), h * s, w * s, device=z.device)
         cache = CausalCache()
         for i in range(t):
-            frames = self.decoder(x[:, :, i : i + 1], cache).float().clamp_(-1.0, 1.0)
+            frames = self.decoder(x[:, :, i : i + 1], cache).float()
+            if clamp:
+                frames = frames.clamp(-1.0, 1.0)
             start = 0 if i == 0 else 1 + tf * (i - 1)
             out[:, :, start : start + frames.shape[2]] = frames
         return out

@@ -17,12 +17,12 @@ from standin.checkpoints import read_torch_pickle
 from standin.dit import WanDiT
 from standin.presets import get_preset
 from standin.scheduler import FlowMatchSchedule
+from standin.tiny_weights import TINY_WEIGHTS, load_tiny_weights
 from standin.training.command import LORA_FILE
 from standin.training.synthetic import make_identities, render_clip, split_identities
 from standin.training.tiny_recipe import (
     TinySchedule,
     latent_mask,
-    load_tiny_weights,
     tiny_identities,
     train_tiny,
 )
@@ -223,6 +223,6 @@ def test_folder_training_data_parallel_over_two_gloo_ranks_writes_the_official_l
     }
     assert set(lora) == expected
     assert not (out / "diffusion_pytorch_model.safetensors").exists()  # lora recipe: base untouched
-    shipped, _, _ = load_tiny_weights(Path(__file__).parents[1] / "standin/weights/tiny.safetensors", TINY)
+    shipped, _, _ = load_tiny_weights(TINY_WEIGHTS, TINY)
     key = "blocks.0.self_attn.k_loras.up.weight"
     assert not torch.equal(lora[key][0], shipped.state_dict()[key])

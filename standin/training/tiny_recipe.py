@@ -13,7 +13,6 @@ from seed 0. What each part is:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from standin.dit import WanDiT
 from standin.presets import ModelPreset, get_preset
 from standin.text_encoder import TextEncoder
+from standin.tiny_weights import save_tiny_weights
 from standin.training.synthetic import (
     BACKGROUNDS,
     DIRECTIONS,
@@ -42,7 +41,6 @@ from standin.vae import WanVAE
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "weights" / "tiny.safetensors"
 TEXT_ENCODER_SEED = 0
 NUM_IDENTITIES = 240
 HELD_OUT = 40  # the last 40 identities of seed 0 are never trained on
@@ -150,32 +148,6 @@ def synthetic_clips(
                 )
             )
     return clips
-
-
-def save_tiny_weights(path: Path, dit: WanDiT, vae: WanVAE, metadata: dict) -> None:
-    """One safetensors file, fp16: `dit.<official Wan2.1/Stand-In key>` and `vae.<official key>`."""
-    tensors = {f"dit.{k}": v.detach().half().contiguous() for k, v in dit.state_dict().items()}
-    tensors |= {f"vae.{k}": v.detach().half().contiguous() for k, v in vae.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"standin": json.dumps(metadata)})
-
-
-def load_tiny_weights(path: Path, preset: ModelPreset) -> tuple[WanDiT, WanVAE, dict]:
-    """The DiT and VAE of a `save_tiny_weights` file (float32, CPU), and its metadata."""
-    from safetensors import safe_open
-
-    from standin.checkpoints import check_file, load_strict
-
-    check_file(path, "tiny preset weights")
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        metadata = json.loads((f.metadata() or {}).get("standin", "{}"))
-    with torch.device("meta"):
-        dit, vae = WanDiT(preset.dit), WanVAE(preset.vae)
-    for prefix, module in (("dit.", dit), ("vae.", vae)):
-        part = {k[len(prefix) :]: (t.float(), path.name) for k, t in tensors.items() if k.startswith(prefix)}
-        load_strict(module, part, expected_in=path.name)
-    return dit.eval().requires_grad_(False), vae.eval().requires_grad_(False), metadata
 
 
 def train_tiny(

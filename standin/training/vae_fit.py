@@ -14,8 +14,8 @@ The encoder learns x ↦ code(x); the decoder learns code(x) (+ a little noise) 
 sharp frames from the coarse colours and per-frame motion cues. The real presets use the
 official Wan2.1 VAE and never run this.
 
-`encode_with_grad` / `decode_with_grad` are `WanVAE.encode` / `decode` with autograd on: the same
-chunking in time, the same causal caches, the same normalisation.
+Fitting runs `WanVAE.encode_latents` / `decode_frames` (unclamped) with autograd on: the same
+chunking in time, causal caches and normalisation as inference.
 """
 
 from __future__ import annotations
@@ -27,32 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from standin.vae import _ENCODE_CHUNK_FRAMES, CausalCache, WanVAE
+from standin.vae import WanVAE
 
 log = logging.getLogger(__name__)
 
 CODE_SCALE = 2.0
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def encode_with_grad(vae: WanVAE, video: torch.Tensor) -> torch.Tensor:
-    """video [B, 3, F, H, W] in [-1, 1] → normalised latents [B, 16, 1 + (F-1)/4, H/8, W/8]."""
-    cache = CausalCache()
-    chunks = [video[:, :, :1]]
-    if video.shape[2] > 1:
-        chunks += video[:, :, 1:].split(_ENCODE_CHUNK_FRAMES, dim=2)
-    h = torch.cat([vae.encoder(chunk, cache) for chunk in chunks], dim=2)
-    mu = vae.conv1(h)[:, : vae.config.z_dim].float()
-    mean, std = vae._stats(mu.device)
-    return (mu - mean) / std
-
-
-def decode_with_grad(vae: WanVAE, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents [B, 16, T, h, w] → video [B, 3, 1 + 4(T-1), 8h, 8w] (not clamped)."""
-    mean, std = vae._stats(latents.device)
-    x = vae.conv2(latents * std + mean)
-    cache = CausalCache()
-    return torch.cat([vae.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
 
 
 def latent_code(video: torch.Tensor, block: int = 8) -> torch.Tensor:
@@ -109,13 +89,13 @@ def fit_vae(
         for name, data in (("video", vids), ("reference", refs)):
             x = data[torch.randint(len(data), (batch_size,), generator=gen)]
             code = latent_code(x)
-            encoded = encode_with_grad(vae, x)
+            encoded = vae.encode_latents(x)
             losses[name + "_code"] = (encoded - code).pow(2).mean()
             # The decoder learns from the code and from what the encoder really gives (detached,
             # so the code alone pins the encoder): DiT samples land near the latter.
             both = torch.cat([code, encoded.detach()])
             noisy = both + latent_noise * torch.randn(both.shape, generator=gen)
-            losses[name] = (decode_with_grad(vae, noisy) - torch.cat([x, x])).pow(2).mean()
+            losses[name] = (vae.decode_frames(noisy, clamp=False) - torch.cat([x, x])).pow(2).mean()
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
