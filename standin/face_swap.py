@@ -236,10 +236,19 @@ def warp_affine(image: np.ndarray, transform: Similarity, size: tuple[int, int])
         raise InvalidRequestError("the transform is degenerate (zero scale)")
     inv_lin = np.linalg.inv(lin)
     inv_shift = -inv_lin @ transform.matrix[:, 2]
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    out = np.zeros((height, width, arr.shape[2]), np.float32)
+    # Only output pixels whose source position lies in (−1, w) × (−1, h) can have a neighbour
+    # inside the source: sample the bounding box of that rectangle's image, the rest is 0.
+    src_h, src_w = arr.shape[:2]
+    corners = transform.apply(np.array([[-1, -1], [src_w, -1], [-1, src_h], [src_w, src_h]], np.float64))
+    x0, y0 = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 1, [width, height])
+    if x1 <= x0 or y1 <= y0:
+        return out[..., 0] if squeeze else out
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
     sx = inv_lin[0, 0] * xs + inv_lin[0, 1] * ys + inv_shift[0]
     sy = inv_lin[1, 0] * xs + inv_lin[1, 1] * ys + inv_shift[1]
-    out = _bilinear(arr, sx, sy)
+    out[y0:y1, x0:x1] = _bilinear(arr, sx, sy)
     return out[..., 0] if squeeze else out
 
 
@@ -250,14 +259,14 @@ def _bilinear(src: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
     x0, y0 = np.floor(sx), np.floor(sy)
     fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
     x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
-    values = src.astype(np.float64)
+    # One zero row/column on every side stands for "outside": indices are clipped into it.
+    padded = np.pad(src.astype(np.float64), ((1, 1), (1, 1), (0, 0)))
     out = np.zeros((*sx.shape, src.shape[2]), dtype=np.float64)
     for dy, wy in ((0, 1 - fy), (1, fy)):
+        rows = np.clip(y0 + dy + 1, 0, src_h + 1)
         for dx, wx in ((0, 1 - fx), (1, fx)):
-            xi, yi = x0 + dx, y0 + dy
-            inside = (xi >= 0) & (xi < src_w) & (yi >= 0) & (yi < src_h)
-            picked = values[np.clip(yi, 0, src_h - 1), np.clip(xi, 0, src_w - 1)]
-            out += np.where(inside[..., None], picked, 0.0) * (wx * wy)
+            cols = np.clip(x0 + dx + 1, 0, src_w + 1)
+            out += padded[rows, cols] * (wx * wy)
     return out.astype(np.float32)
 
 
@@ -456,7 +465,10 @@ def swap_reference(
     """Landmarks and alpha of a preprocessed reference.
 
     Args:
-        rgb: uint8 ``[h, w, 3]``, the reference as preprocessed (``ReferenceImage.to_array()``).
+        rgb: uint8 ``[h, w, 3]``, the reference crop before whitening, as the official pastes
+            it: ``pad_resize_square(image, 512, ref.crop)`` for a ``ReferenceImage`` ``ref``
+            (without a parser, ``ref.to_array()`` is the same image). The whitened image works
+            too, with a trace of white where the warped alpha is fractional.
         detector: finds its landmarks (the best-scoring face is used, as the official).
         background: bool ``[h, w]``, the parser's background (``ReferenceImage.background``);
             None without a parser: the alpha is then :func:`landmark_soft_mask`.
@@ -526,8 +538,9 @@ class FacePaster:
         if reference.landmarks is not None:
             transform = fit_similarity_lmeds(reference.landmarks, face.points)
             if transform is not None:
-                warped = warp_affine(reference.rgb, transform, (height, width))
-                alpha = warp_affine(reference.alpha, transform, (height, width))
+                rgba = np.concatenate([reference.rgb, reference.alpha[..., None]], axis=-1)
+                warped_rgba = warp_affine(rgba, transform, (height, width))
+                warped, alpha = warped_rgba[..., :3], warped_rgba[..., 3]
                 mask = np.clip(np.rint(alpha), 0, 255).astype(np.uint8)
                 return paste(frame, warped, alpha), mask, "landmarks"
             log.info("no similarity fits the landmarks: box path")

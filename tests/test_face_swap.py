@@ -347,6 +347,28 @@ def test_ninety_degree_turn_matches_numpy() -> None:
     np.testing.assert_allclose(out, np.rot90(image).astype(np.float32), atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "transform",
+    [
+        Similarity.from_params(0.3, 10, 300, 100),  # small, inside
+        Similarity.from_params(1.7, -35, -60, 40),  # large, partly outside
+        Similarity.from_params(0.8, 180, 500, 900),  # mostly outside
+        Similarity.from_params(1.0, 0, 2000, 0),  # entirely outside
+    ],
+)
+def test_warp_equals_an_independent_bilinear_resampling(transform: Similarity) -> None:
+    ndimage = pytest.importorskip("scipy.ndimage")
+    image = np.random.default_rng(5).uniform(0, 255, (90, 70, 2))
+    out = warp_affine(image, transform, (240, 320))
+    inverse = np.linalg.inv(np.vstack([transform.matrix, [0, 0, 1]]))[:2]
+    ys, xs = np.mgrid[0:240, 0:320].astype(np.float64)
+    sx = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
+    sy = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
+    for c in range(2):
+        expected = ndimage.map_coordinates(image[..., c], [sy, sx], order=1, mode="grid-constant", cval=0.0)
+        np.testing.assert_allclose(out[..., c], expected, atol=1e-3)
+
+
 def test_paste_is_the_alpha_blend_rounded() -> None:
     frame = np.full((2, 2, 3), 100, np.uint8)
     face = np.full((2, 2, 3), 201.0)
