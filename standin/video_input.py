@@ -367,15 +367,23 @@ def _orientation(matrix: np.ndarray | None) -> tuple[int, bool]:
     """(degrees counter-clockwise, mirrored) to display the frames; refuse odd angles."""
     if matrix is None:
         return 0, False
-    a, b, c, d = (int(v) for v in matrix[[0, 1, 3, 4]])
-    unit = 1 << 16
-    key = tuple(round(v / unit) if abs(abs(v) - unit) < unit // 64 or v == 0 else 99 for v in (a, b, c, d))
+    key = tuple(_snap_unit(int(v)) for v in matrix[[0, 1, 3, 4]])
     if key not in _ORIENTATIONS:
         raise InvalidVideoError(
             "the video's display matrix is not a multiple of 90° (rotated by an odd angle or "
             "skewed); re-encode it upright"
         )
     return _ORIENTATIONS[key]
+
+
+def _snap_unit(value: int) -> int:
+    """A 16.16 fixed-point matrix entry as 0, 1 or −1 (within 1/64), else 99 (not axis-aligned)."""
+    unit = 1 << 16
+    if abs(value) < unit // 64:
+        return 0
+    if abs(abs(value) - unit) < unit // 64:
+        return 1 if value > 0 else -1
+    return 99
 
 
 def _orient(frames: np.ndarray, rotation: int, mirrored: bool) -> np.ndarray:

@@ -175,6 +175,14 @@ def test_ninety_degrees_puts_the_stored_top_left_marker_bottom_left() -> None:
     assert video.frames[0, :6, :6].max() < 250
 
 
+def test_display_matrix_rounding_noise_is_tolerated() -> None:
+    from standin.video_input import _orientation
+
+    noisy = np.array([3, -65535, 0, 65534, -2, 0, 0, 0, 1 << 30], dtype=np.int32)
+    assert _orientation(noisy) == (90, False)
+    assert _orientation(None) == (0, False)
+
+
 def test_odd_rotation_angle_is_refused() -> None:
     assert_clean_refusal(encode(2, 64, 32, rotation=45), "multiple of 90")
 
