@@ -46,7 +46,8 @@ import torch
 
 from benchmarks.common import machine, pyplot, result_path, timestamp, write_result
 from benchmarks.flops import dit_forward_flops, tflops, token_counts
-from standin.config import DiTConfig, dit_preset
+from standin.config import DiTConfig
+from standin.presets import dit_preset
 
 log = logging.getLogger("benchmarks.model")
 

@@ -32,8 +32,9 @@ import torch
 
 from benchmarks.common import machine
 from parallel import Collectives, DeviceMesh, ParallelConfig, ShardedDiT, init_distributed
-from standin.config import DiTConfig, dit_preset
+from standin.config import DiTConfig
 from standin.dit import WanDiT
+from standin.presets import dit_preset
 
 log = logging.getLogger("sp_bench")
 

@@ -1,4 +1,4 @@
-"""Model configurations and named presets (data only).
+"""Model configurations (data only; the named presets are standin/presets.py).
 
 Dimensions of the real presets are those of the official Wan2.1 releases; `tiny` has the
 same architecture at sizes that run in milliseconds on a CPU, for tests and the demo.
@@ -38,18 +38,7 @@ class DiTConfig:
         return self.dim // self.num_heads
 
 
-DIT_PRESETS: dict[str, DiTConfig] = {
-    "tiny": DiTConfig(
-        dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, freq_dim=32, lora_rank=8
-    ),
-    "wan2.1-t2v-1.3b": DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "wan2.1-t2v-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-}
-
-
-def dit_preset(name: str) -> DiTConfig:
-    """The DiT configuration of a named preset."""
-    try:
-        return DIT_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(DIT_PRESETS)}") from None
+# The DiTs of the presets (named in standin/presets.py, the one registry).
+TINY_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, freq_dim=32, lora_rank=8)
+WAN21_1_3B_DIT = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+WAN21_14B_DIT = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)

@@ -5,6 +5,10 @@ class StandInError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class UnknownPresetError(StandInError, ValueError):
+    """A model preset name that `standin.presets.PRESETS` does not hold."""
+
+
 class CheckpointError(StandInError):
     """A checkpoint file or directory is missing, unreadable, or does not match the model."""
 

@@ -1,12 +1,16 @@
-"""Named model presets: which DiT, VAE and text encoder, and the files a checkpoint dir holds."""
+"""The one registry of named model presets: which DiT, VAE and text encoder, the generation
+defaults that suit them, and the files a checkpoint directory holds. Every lookup by name
+goes through `get_preset` (or `dit_preset`) and fails with `UnknownPresetError`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from standin.config import DiTConfig, dit_preset
-from standin.text_encoder import TextEncoderConfig
-from standin.vae import VAEConfig
+from standin.config import TINY_DIT, WAN21_1_3B_DIT, WAN21_14B_DIT, DiTConfig
+from standin.errors import UnknownPresetError
+from standin.text_encoder import TINY as TINY_TEXT
+from standin.text_encoder import UMT5_XXL, TextEncoderConfig
+from standin.vae import TINY_VAE, WAN21_VAE, VAEConfig
 
 # The official Wan2.1 checkpoint directory layout (and Stand-In's file beside it).
 DIT_SHARDS = "diffusion_pytorch_model*.safetensors"
@@ -37,11 +41,11 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(
         "tiny",
-        dit_preset("tiny"),
+        TINY_DIT,
         # one residual block per stage: the tiny VAE is fitted on a CPU in minutes (tiny_recipe.py)
-        replace(VAEConfig.from_name("tiny"), num_res_blocks=1),
+        replace(TINY_VAE, num_res_blocks=1),
         # tiny prompts are a closed vocabulary of a few words: 32 tokens keep training cheap
-        replace(TextEncoderConfig.from_name("tiny"), text_len=32),
+        replace(TINY_TEXT, text_len=32),
         # what the shipped weights were trained on (standin/training/tiny_recipe.py)
         width=32,
         height=32,
@@ -51,17 +55,8 @@ PRESETS: dict[str, ModelPreset] = {
         reference_size=32,
     ),
     **{
-        name: ModelPreset(
-            name,
-            dit_preset(name),
-            VAEConfig.from_name("wan2.1"),
-            TextEncoderConfig.from_name("umt5-xxl"),
-            width=832,
-            height=480,
-            num_frames=81,
-            num_steps=20,
-        )
-        for name in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+        name: ModelPreset(name, dit, WAN21_VAE, UMT5_XXL, width=832, height=480, num_frames=81, num_steps=20)
+        for name, dit in (("wan2.1-t2v-1.3b", WAN21_1_3B_DIT), ("wan2.1-t2v-14b", WAN21_14B_DIT))
     },
 }
 
@@ -70,4 +65,9 @@ def get_preset(name: str) -> ModelPreset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise UnknownPresetError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def dit_preset(name: str) -> DiTConfig:
+    """The DiT configuration of a named preset."""
+    return get_preset(name).dit

@@ -57,16 +57,6 @@ class TextEncoderConfig:
     def head_dim(self) -> int:
         return self.dim_attn // self.num_heads
 
-    @classmethod
-    def from_name(cls, name: str) -> TextEncoderConfig:
-        """A named preset: "umt5-xxl" or "tiny"."""
-        try:
-            return TEXT_ENCODER_PRESETS[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown text encoder preset {name!r}; known: {sorted(TEXT_ENCODER_PRESETS)}"
-            ) from None
-
 
 UMT5_XXL = TextEncoderConfig()
 # Same architecture at CPU-test size; vocab fits ByteTokenizer (256 bytes + pad + eos).
@@ -79,7 +69,6 @@ TINY = replace(
     num_heads=4,
     num_layers=2,
 )
-TEXT_ENCODER_PRESETS = {"umt5-xxl": UMT5_XXL, "tiny": TINY}
 
 
 def relative_position_buckets(

@@ -76,21 +76,10 @@ class VAEConfig:
     def temporal_factor(self) -> int:
         return 2 ** sum(self.temporal_downsample)
 
-    @classmethod
-    def from_name(cls, name: str) -> VAEConfig:
-        """A named preset: "wan2.1" (official) or "tiny" (same architecture, CPU-test size)."""
-        try:
-            return VAE_PRESETS[name]
-        except KeyError:
-            raise InvalidRequestError(
-                f"unknown VAE preset {name!r}; choose one of {sorted(VAE_PRESETS)}"
-            ) from None
 
-
-VAE_PRESETS: dict[str, VAEConfig] = {
-    "wan2.1": VAEConfig(),
-    "tiny": VAEConfig(dim=8),
-}
+# The official Wan2.1 VAE, and the same architecture at CPU-test size (presets: standin/presets.py).
+WAN21_VAE = VAEConfig()
+TINY_VAE = VAEConfig(dim=8)
 
 
 class CausalCache:

@@ -23,8 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import load, model
 from benchmarks.flops import Tokens, dit_forward_flops, token_counts
-from standin.config import DiTConfig, dit_preset
+from standin.config import DiTConfig
 from standin.dit import WanDiT
+from standin.presets import dit_preset
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_MP4 = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64

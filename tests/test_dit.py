@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from standin.attention import select_backend
-from standin.config import DiTConfig, dit_preset
+from standin.config import DiTConfig
 from standin.dit import WanDiT
+from standin.presets import dit_preset
 from standin.rope import apply_rope, identity_positions, rope_angles, rope_split, video_positions
 from tests.reference_dit import reference_forward
 

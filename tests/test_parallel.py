@@ -41,9 +41,10 @@ from parallel.failures import apply_nccl_environment, collective_timeout_s, nccl
 from parallel.lse_attention import attention_with_lse, merge, select_lse_backend
 from parallel.weights import load_once_per_node
 from standin.checkpoints import load_wan_dit, save_safetensors_shards
-from standin.config import DiTConfig, dit_preset
+from standin.config import DiTConfig
 from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError
+from standin.presets import dit_preset
 from standin.scheduler import FlowMatchSchedule
 
 TOLERANCE = 1e-5

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from standin.errors import CheckpointError
+from standin.errors import CheckpointError, UnknownPresetError
+from standin.presets import dit_preset, get_preset
 from standin.text_encoder import (
     TINY,
     UMT5_CHECKPOINT,
@@ -152,11 +153,16 @@ def test_fp16_overflow_is_clamped_and_other_dtypes_are_untouched():
     assert torch.isinf(_clamp_fp16(z)).all()
 
 
-def test_presets_by_name():
-    assert TextEncoderConfig.from_name("umt5-xxl") == UMT5_XXL
-    assert TextEncoderConfig.from_name("tiny") == TINY
-    with pytest.raises(ValueError, match="umt5-xxl"):
-        TextEncoderConfig.from_name("t5-small")
+def test_presets_use_the_official_text_encoder_and_tiny_shrinks_only_its_length():
+    assert get_preset("wan2.1-t2v-14b").text == UMT5_XXL == get_preset("wan2.1-t2v-1.3b").text
+    assert get_preset("tiny").text == replace(TINY, text_len=32)
+
+
+def test_one_error_type_for_an_unknown_preset_names_the_known_ones():
+    with pytest.raises(UnknownPresetError, match="wan2.1-t2v-14b"):
+        get_preset("t5-small")
+    with pytest.raises(UnknownPresetError):
+        dit_preset("wan2.1-t2v-2b")
 
 
 def test_xxl_state_dict_names_and_shapes_equal_the_official_key_list():

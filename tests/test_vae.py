@@ -10,6 +10,7 @@ import torch
 
 from standin.errors import CheckpointError, InvalidRequestError
 from standin.vae import (
+    TINY_VAE,
     WAN21_LATENT_MEAN,
     WAN21_LATENT_STD,
     VAEConfig,
@@ -18,7 +19,7 @@ from standin.vae import (
 )
 
 KEYS_FILE = Path(__file__).parent / "data" / "wan21_vae_keys.txt"
-TINY = VAEConfig.from_name("tiny")
+TINY = TINY_VAE
 
 
 def random_weights(vae: WanVAE, seed: int = 0) -> dict[str, torch.Tensor]:
