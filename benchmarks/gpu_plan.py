@@ -155,24 +155,38 @@ def dit_params(config: DiTConfig) -> int:
 def memory_estimate(config: DiTConfig, size: str, sp: int, dtype_bytes: int = 2) -> MemoryEstimate:
     """Per-rank memory for Ulysses SP of degree `sp` (ring degrees hold the same per rank).
 
-    Activations of the live block, S_loc = ⌈S/N⌉ tokens per rank, C = dim, F = ffn_dim:
-    residual stream + its normalised/modulated copy 2·S_loc·C; Q, K, V 3·S_loc·C, and the same
-    again after the all-to-all (3·S·C/N) plus one layout copy (3·S·C/N); attention output and
-    its all-to-all back 2·S_loc·C; FFN hidden + GELU output 2·S_loc·F. Attention itself is a fused
-    kernel (no S×S matrix). The identity K/V cache: layers × 2 × S_id × C/N.
+    Activations: the larger of (a) the patch embedding of all S tokens before sharding,
+    S·C float32, and (b) the sum of one block's tensors as if all were live at once (an upper
+    bound), with S_loc = ⌈S/N⌉ tokens per rank, C = dim, F = ffn_dim. The residual stream and
+    adaLN modulation are float32 (as in the official model), linear layers bf16:
+    residual + modulated copy 2·S_loc·C fp32, its bf16 cast S_loc·C; Q, K, V 3·S_loc·C and
+    RoPE's float32 temporaries for Q and K 2·S_loc·C fp32; after the all-to-all 3·S·C/N and one
+    layout copy 3·S·C/N; attention output and its all-to-all back 2·S_loc·C; FFN hidden + GELU
+    output 2·S_loc·F. Attention itself is a fused kernel (no S×S matrix).
+    Identity K/V cache: layers × 2 × S_id × C/N.
     """
     s = video_tokens(config, size)
     s_loc = math.ceil(s / sp)
-    c, f = config.dim, config.ffn_dim
-    act = (2 * s_loc * c + 3 * s_loc * c + 2 * 3 * s_loc * c + 2 * s_loc * c + 2 * s_loc * f) * dtype_bytes
-    identity = config.num_layers * 2 * IDENTITY_TOKENS * c / sp * dtype_bytes
+    c, f, b = config.dim, config.ffn_dim, dtype_bytes
+    fp32 = 4
+    block = (
+        2 * s_loc * c * fp32
+        + s_loc * c * b
+        + 3 * s_loc * c * b
+        + 2 * s_loc * c * fp32
+        + 2 * 3 * s_loc * c * b
+        + 2 * s_loc * c * b
+        + 2 * s_loc * f * b
+    )
+    embedding = s * c * fp32
+    identity = config.num_layers * 2 * IDENTITY_TOKENS * c / sp * b
     # umT5 embeddings [L, 4096] and their projection [L, C], prompt and negative prompt
-    text = 2 * TEXT_TOKENS * (config.text_dim + c) * dtype_bytes
+    text = 2 * TEXT_TOKENS * (config.text_dim + c) * b
     return MemoryEstimate(
-        weights=dit_params(config) * dtype_bytes,
+        weights=dit_params(config) * b,
         identity_cache=identity,
         text=text,
-        activations=act,
+        activations=max(block, embedding),
         runtime=3 * GB,
     )
 
