@@ -230,11 +230,23 @@ def test_mp4_box_naming_a_playlist_is_not_followed() -> None:
     assert_clean_refusal(data, "truncated or corrupt|no video")
 
 
-def test_the_decoder_may_not_open_anything_else() -> None:
-    from standin.video_input import _refuse_nested_open
+def test_even_a_playlist_demuxer_could_not_open_the_files_it_names(tmp_path, monkeypatch) -> None:
+    # Belt and braces behind the allow-list: were an HLS playlist ever handed to FFmpeg's HLS
+    # demuxer, the hook through which FFmpeg opens every nested resource refuses it.
+    import standin.video_input as video_input
 
-    with pytest.raises(PermissionError):
-        _refuse_nested_open("file:///etc/passwd", 1, {})
+    segment = tmp_path / "segment.ts"
+    segment.write_bytes(encode(5, fmt="mpegts"))
+    playlist = (
+        f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\nfile://{segment}\n#EXT-X-ENDLIST\n"
+    ).encode()
+    # The threat is real: without the hook, FFmpeg reads the local file the playlist names.
+    with av.open(io.BytesIO(playlist), format="hls", options={"protocol_whitelist": "file"}) as container:
+        assert len(list(container.decode(video=0))) == 5
+    monkeypatch.setitem(video_input.CONTAINERS, "mp4/mov", "hls")
+    with pytest.raises(InvalidVideoError, match="may not reference other files or URLs") as info:
+        video_input._open(playlist, "mp4/mov", VideoLimits())
+    assert str(tmp_path) not in str(info.value)
 
 
 @pytest.mark.parametrize("fmt", [MP4, MKV])
