@@ -448,7 +448,8 @@ class SwapReference:
     """The face to paste.
 
     Attributes:
-        rgb: uint8 ``[h, w, 3]`` (the 512×512 preprocessed reference).
+        rgb: uint8 ``[h, w, 3]``, the 512×512 reference crop (before whitening, see
+            :func:`swap_reference`).
         alpha: uint8 ``[h, w]``: 255 = face (parser classes, or the landmark soft mask).
         landmarks: float64 ``[5, 2]``, or None when no face was found in the reference (then
             every frame takes the box path).
