@@ -161,22 +161,84 @@ def test_ring_block_kernels_on_cuda_equal_full_attention(dtype):
 
 
 def _nccl_rank(rank: int, port: int, out: str) -> None:
+    """Two NCCL ranks: device binding, one communicator for Ulysses over the world, weights read by
+    rank 0 and broadcast, the SP forward against one GPU, a ring shift; then rank 1 dies mid-step
+    and rank 0 must raise instead of hanging."""
+    import datetime
+    import time
+
     result: dict = {}
     try:
-        from parallel import Collectives, DeviceMesh, ParallelConfig, init_distributed
+        from parallel import (
+            CollectiveError,
+            Collectives,
+            DenoiseRequest,
+            DeviceMesh,
+            ParallelConfig,
+            ShardedDiT,
+            SPRunner,
+            init_distributed,
+        )
         from parallel.devices import device_environment, resolve_device
+        from parallel.weights import load_once_per_node
+        from standin.dit import WanDiT
+        from standin.presets import dit_preset
 
         env = device_environment(environ={"LOCAL_RANK": str(rank)})
         device = resolve_device("cuda", env)
         torch.cuda.set_device(device)
-        init_distributed(rank, 2, f"tcp://127.0.0.1:{port}", backend="nccl")
-        mesh = DeviceMesh(ParallelConfig(ring=2), num_heads=2, device=device)
-        comm = Collectives(mesh)
-        x = torch.full((4,), float(rank), device=device)
-        got = comm.ring_shift(x).wait()
-        result = {"device": str(device), "received": got.tolist(), "groups": len(mesh.groups)}
+        init_distributed(rank, 2, f"tcp://127.0.0.1:{port}", backend="nccl",
+                         timeout=datetime.timedelta(seconds=120))
+        result["device"] = str(device)
+        result["nccl_env"] = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+        config = dit_preset("tiny")
+
+        def load() -> WanDiT:
+            torch.manual_seed(0)
+            return WanDiT(config)
+
+        model, _ = load_once_per_node(load, lambda: WanDiT(config), device)
+        mesh = DeviceMesh(ParallelConfig(ulysses=2), config.num_heads, device=device)
+        result["new_groups"] = mesh.created
+        g = torch.Generator().manual_seed(1)
+        lat = torch.randn(1, 16, 3, 6, 10, generator=g).to(device)
+        ctx = torch.randn(1, 7, config.text_dim, generator=g).to(device)
+        ident = torch.randn(1, 16, 1, 6, 6, generator=g).to(device)
+        t = torch.full((1,), 500.0, device=device)
+        with torch.no_grad():
+            ref = model(lat, t, ctx, model.identity_cache(ident, lat.shape))
+        dit = ShardedDiT(model, Collectives(mesh))
+        got = dit(lat, t, ctx, dit.identity_cache(ident, lat.shape))
+        result["forward_err"] = float((got - ref).abs().max() / ref.abs().max())
+        ring = Collectives(DeviceMesh(ParallelConfig(ring=2), config.num_heads, device=device))
+        result["received"] = ring.ring_shift(torch.full((4,), float(rank), device=device)).wait().tolist()
+
+        runner = SPRunner(model, Collectives(mesh))
+        if rank == 1:
+            original = model.blocks[1].cross_attn.forward
+            calls = {"n": 0}
+
+            def die(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    Path(out, "rank1.json").write_text(json.dumps(result))
+                    os._exit(0)
+                return original(*args, **kwargs)
+
+            model.blocks[1].cross_attn.forward = die
+        start = time.monotonic()
+        try:
+            if rank == 0:
+                runner.generate(DenoiseRequest(lat, ctx, 3, ctx, ident))
+            else:
+                runner.serve_forever()
+            result["kill"] = "no error"
+        except CollectiveError as exc:
+            result["kill"] = f"CollectiveError: {exc}"
+        result["kill_s"] = time.monotonic() - start
+        result["broken"] = runner.broken
     except BaseException:
-        result = {"crash": traceback.format_exc()}
+        result["crash"] = traceback.format_exc()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     os._exit(0)
 
@@ -184,8 +246,8 @@ def _nccl_rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.distributed
 @two_gpus
-@pytest.mark.timeout(120)
-def test_nccl_ring_shift_and_device_binding_on_two_gpus(tmp_path):
+@pytest.mark.timeout(240)
+def test_nccl_path_on_two_gpus(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -194,7 +256,7 @@ def test_nccl_ring_shift_and_device_binding_on_two_gpus(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(90)
+        p.join(180)
     hung = [p for p in procs if p.is_alive()]
     for p in hung:
         p.kill()
@@ -202,7 +264,11 @@ def test_nccl_ring_shift_and_device_binding_on_two_gpus(tmp_path):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all("crash" not in r for r in results), results
     assert [r["device"] for r in results] == ["cuda:0", "cuda:1"]
+    assert results[0]["nccl_env"] == "3"
+    assert all(r["new_groups"] == 1 for r in results)  # only the control group is new
+    assert all(r["forward_err"] <= 1e-4 for r in results), results
     assert [r["received"] for r in results] == [[1.0] * 4, [0.0] * 4]
+    assert results[0]["kill"].startswith("CollectiveError") and results[0]["broken"], results[0]
 
 
 if __name__ == "__main__":  # pragma: no cover
