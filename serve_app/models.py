@@ -9,6 +9,7 @@ import torch
 
 from serve_app.settings import ServeSettings
 from standin.checkpoints import load_wan_dit
+from standin.config import DTYPES
 from standin.dit import WanDiT
 from standin.pipeline import StandInPipeline
 from standin.presets import STANDIN_FILE, VAE_FILE, get_preset
@@ -16,8 +17,6 @@ from standin.text_encoder import TextEncoder
 from standin.vae import WanVAE, load_wan_vae
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def device_of(settings: ServeSettings) -> torch.device:
