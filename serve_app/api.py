@@ -1,8 +1,11 @@
-"""The HTTP contract: OpenAI-shaped errors, request parsing and validation, the video object.
+"""The HTTP contract: OpenAI-shaped errors, request parsing and validation, the video object,
+and the pydantic models that describe them in the OpenAPI document.
 
-Status codes for bad input: 400 malformed (missing or mistyped field, undecodable image, bad
-data URL), 413 too large, 415 unsupported body or image format, 422 well-formed but out of
-range (size, frames, steps, prompt length…). Nothing in here touches models or Ray.
+Status codes for bad input (OpenAI's conventions): 400 malformed (missing or mistyped field, a
+string that is not clean Unicode, an undecodable or unsupported image, a bad data URL), 404 unknown
+model or video, 409 content of an unfinished video, 413 too large, 415 an unsupported request
+Content-Type (only that), 422 well-formed but out of range (size, frames, steps, prompt length…),
+429 queue full. Messages quote user input only through repr(). Nothing here touches models or Ray.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from serve_app.jobs import Job
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.jobs import QUEUED, Job
 from serve_app.settings import ServeSettings
 from standin.errors import InvalidRequestError
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams
@@ -147,13 +152,26 @@ def _float(fields: dict[str, Any], name: str, form: bool) -> float | None:
     return out
 
 
+def check_text(value: str, name: str) -> str:
+    """Valid Unicode text: encodable as UTF-8 (no lone surrogates) and without NUL; else 400."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400, f"{name} is not valid Unicode (lone surrogate)", param=name, code="invalid_string"
+        ) from None
+    if "\x00" in value:
+        raise APIError(400, f"{name} contains a NUL character", param=name, code="invalid_string")
+    return value
+
+
 def _str(fields: dict[str, Any], name: str) -> str | None:
     v = fields.get(name)
     if v is None:
         return None
     if not isinstance(v, str):
         raise APIError(400, f"{name} must be a string", param=name)
-    return v
+    return check_text(v, name)
 
 
 def decode_data_url(value: Any, max_bytes: int) -> bytes:
@@ -214,9 +232,11 @@ def parse_video_request(
     fields: dict[str, Any], image: bytes | None, settings: ServeSettings, *, form: bool
 ) -> VideoRequest:
     """Validate POST /v1/videos fields (multipart: strings; JSON: typed values)."""
+    for name in fields:
+        check_text(name, "field name")
     unknown = sorted(set(fields) - _FIELDS)
     if unknown:
-        raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+        raise APIError(400, f"unknown field(s): {', '.join(map(repr, unknown))}", param=unknown[0])
     preset = get_preset(settings.preset)
 
     prompt = _str(fields, "prompt")
@@ -350,7 +370,7 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
     return fields
 
 
-def video_object(job: Job) -> dict[str, Any]:
+def video_object(job: Job, queue_position: int | None = None) -> dict[str, Any]:
     """The OpenAI video object (+ Stand-In extras)."""
     r = job.request
     out: dict[str, Any] = {
@@ -359,8 +379,9 @@ def video_object(job: Job) -> dict[str, Any]:
         "model": job.model,
         "status": job.status,
         "progress": job.progress,
+        "queue_position": queue_position if job.status == QUEUED else None,
         "created_at": job.created_at,
-        "started_at": job.started_at,  # when the DiT stage began (queue time = started − created)
+        "started_at": job.started_at,  # when the DiT replica started it (queue wait = started − created)
         "completed_at": job.completed_at,
         "expires_at": job.expires_at,
         "size": f"{r['width']}x{r['height']}",
@@ -397,3 +418,114 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size or end < start:
         return None
     return start, min(end, size - 1)
+
+
+# -- the OpenAPI document's models ------------------------------------------------------------
+# They describe the contract for clients and fuzzers; parse_video_request does the validating
+# (multipart sends every field as a string, so its checks and messages are shared by both).
+
+SIZE_PATTERN = r"^\s*\d{1,5}\s*[xX×]\s*\d{1,5}\s*$"
+
+
+class ImageURL(BaseModel):
+    image_url: str = Field(description="a data: URL (data:image/png;base64,…); remote URLs are refused")
+
+
+class _VideoFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="what happens in the video")
+    model: str | None = Field(None, description="a model id from GET /v1/models")
+    size: str | None = Field(None, pattern=SIZE_PATTERN, examples=["832x480"])
+    negative_prompt: str | None = None
+    subject: Literal["face", "object"] | None = Field(None, description="what the reference shows")
+
+
+class CreateVideoJSON(_VideoFields):
+    """POST /v1/videos as application/json."""
+
+    seconds: float | str | None = Field(None, description="duration at 16 fps; or num_frames")
+    num_frames: int | None = Field(None, description="4k+1 frames")
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    shift: float | None = None
+    fps: float | None = None
+    input_reference: ImageURL | str | None = Field(None, description="the identity image as a data URL")
+
+
+class CreateVideoForm(_VideoFields):
+    """POST /v1/videos as multipart/form-data (what the openai SDK and AIPerf send)."""
+
+    seconds: str | None = None
+    num_frames: str | None = None
+    seed: str | None = None
+    num_inference_steps: str | None = None
+    guidance_scale: str | None = None
+    shift: str | None = None
+    fps: str | None = None
+    input_reference: bytes | None = Field(
+        None,
+        description="the identity image file (JPEG, PNG, WebP, AVIF)",
+        json_schema_extra={"format": "binary"},
+    )
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class VideoError(BaseModel):
+    code: str | None
+    message: str | None
+
+
+class Video(BaseModel):
+    """The video object (202 from POST, 200 from GET)."""
+
+    id: str
+    object: Literal["video"]
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+    progress: int
+    queue_position: int | None = Field(description="1 = next to start; set while queued")
+    created_at: int
+    started_at: int | None
+    completed_at: int | None
+    expires_at: int | None
+    size: str
+    seconds: str
+    prompt: str
+    num_frames: int
+    fps: float
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    subject: str
+    has_reference: bool
+    frames_sha256: str | None
+    error: VideoError | None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"]
+    data: list[Video]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"]
+    deleted: bool
+
+
+OPENAPI_MODELS = (CreateVideoJSON, CreateVideoForm, ImageURL, ErrorResponse, ErrorDetail, Video, VideoError)

@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 
-log = logging.getLogger(__name__)
+from serve_app.jobs import TERMINAL
 
-TERMINAL = ("completed", "failed", "cancelled")
+log = logging.getLogger(__name__)
 
 
 class ServerError(Exception):

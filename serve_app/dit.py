@@ -10,9 +10,13 @@ The replica is healthy only while every rank is: a worker that died or left its 
 collective that failed (`SPRunner.broken`), fails the health check, and Serve replaces the whole
 group (the workers are owned by the replica and die with it).
 
-`denoise` streams `{"event": "progress"}` items per step, then one `{"event": "result"}` or
-`{"event": "error"}` item; errors are items, not exceptions, so that their kind survives Ray's
-exception wrapping. Cancelling the stream stops the steps at the next step boundary.
+`denoise` streams one `{"event": "started"}` item when this replica begins the request (the job
+is `queued` until then), `{"event": "progress"}` items per step, then one `{"event": "result"}`
+or `{"event": "error"}` item; errors are items, not exceptions, so that their kind survives Ray's
+exception wrapping. Cancelling the stream stops the steps at the next step boundary. Given the
+job's fence (id, lease owner, attempt), the replica also checks the job store before it starts
+and every `LEASE_CHECK_S` while it runs, and stops work whose job is gone or whose lease moved
+on (its runner died and another took the job): no GPU time for jobs nobody waits for.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -41,7 +44,9 @@ from parallel import (
     SPRunner,
     init_distributed,
 )
+from serve_app.jobs import AsyncJobStore, open_job_store
 from serve_app.models import device_of, load_dit
+from serve_app.ports import free_port
 from serve_app.settings import ServeSettings
 from standin.errors import CancelledError, InvalidRequestError
 from standin.pipeline import GenerationParams, initial_noise
@@ -49,10 +54,7 @@ from standin.pipeline import GenerationParams, initial_noise
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+LEASE_CHECK_S = 1.0
 
 
 class RankState:
@@ -101,7 +103,8 @@ class DiTReplica:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "abandoned": 0}
+        self._store: AsyncJobStore | None = None
         self.workers: list[ray.actor.ActorHandle] = []
         self.worker_names: list[str] = []
         self.loops: list[ray.ObjectRef] = []
@@ -109,7 +112,7 @@ class DiTReplica:
         address = None
         if world > 1:
             self._start_workers()
-            address = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+            address = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
             joins = [w.setup.remote(address) for w in self.workers]
         # Rank 0 joins while the workers join (each blocks until all N have arrived).
         self.rank0 = RankState(settings, 0, address)
@@ -168,20 +171,51 @@ class DiTReplica:
 
     # -- requests -------------------------------------------------------------------------
 
+    async def _job_alive(self, job: dict[str, Any]) -> bool:
+        """The job still exists, is active and holds the lease of the run that sent it."""
+        if self._store is None:
+            self._store = AsyncJobStore(open_job_store(self.settings), threads=1)
+        try:
+            row = await self._store.get(job["id"])
+        except Exception:  # the store is unreachable: keep working, the runner decides
+            log.warning("lease check of %s failed", job["id"], exc_info=True)
+            return True
+        return (
+            row is not None
+            and not row.terminal
+            and (row.lease_owner, row.attempts) == (job["owner"], job["attempt"])
+        )
+
+    async def _watch_job(self, job: dict[str, Any], cancel: threading.Event, lost: threading.Event) -> None:
+        while not cancel.is_set():
+            await asyncio.sleep(LEASE_CHECK_S)
+            if not await self._job_alive(job):
+                log.info("%s attempt %d: the job is gone; stopping its steps", job["id"], job["attempt"])
+                lost.set()
+                cancel.set()
+
     async def denoise(
         self,
         params: GenerationParams,
         conditioning: dict[str, torch.Tensor | None],
+        job: dict[str, Any] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream progress, then the final latents [1, 16, F', H/8, W/8] (float32, CPU)."""
+        """Stream `started`, progress, then the final latents [1, 16, F', H/8, W/8] (float32, CPU).
+        `job`: {"id", "owner", "attempt"} of the run that asks (None: no lease checks)."""
         reason = self._broken_reason()
         if reason is not None:
             yield {"event": "error", "kind": "unavailable", "message": reason}
             return
         async with self._lock:
+            if job is not None and not await self._job_alive(job):
+                self.counts["abandoned"] += 1
+                yield {"event": "error", "kind": "lease_lost", "message": "the job is gone"}
+                return
+            yield {"event": "started"}
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
-            cancel = threading.Event()
+            cancel, lost = threading.Event(), threading.Event()
+            watcher = None if job is None else asyncio.ensure_future(self._watch_job(job, cancel, lost))
 
             def progress(done: int, total: int) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (done, total))
@@ -194,7 +228,12 @@ class DiTReplica:
                 latents = await work
                 self.counts["completed"] += 1
                 yield {"event": "result", "latents": latents}
-            except (CancelledError, asyncio.CancelledError, GeneratorExit):
+            except CancelledError:
+                if not lost.is_set():
+                    raise
+                self.counts["abandoned"] += 1
+                yield {"event": "error", "kind": "lease_lost", "message": "the job is gone"}
+            except (asyncio.CancelledError, GeneratorExit):
                 cancel.set()
                 self.counts["cancelled"] += 1
                 await _wait_ignoring_cancel(work)
@@ -208,6 +247,8 @@ class DiTReplica:
                 log.warning("denoise failed (%s): %s", kind, exc)
                 yield {"event": "error", "kind": kind, "message": str(exc)}
             finally:
+                if watcher is not None:
+                    watcher.cancel()
                 if not work.done():
                     cancel.set()
                     await _wait_ignoring_cancel(work)

@@ -1,26 +1,25 @@
-"""Ingress deployment: the OpenAI-Videos-shaped HTTP API and the job runner.
+"""Ingress deployment: the OpenAI-Videos-shaped HTTP API. It validates, stores and answers —
+nothing else: POST writes the upload to the results store and the job row (queued) before it
+answers 202; a JobRunner replica (serve_app/runner.py) claims and runs the job. So a rolling
+update (or a crash) of the Ingress never touches a running generation.
 
-POST writes the job row (and the uploaded image as a blob) before it answers 202, then runs the
-job here: Preprocessor → DiT replica (streamed progress) → Decoder. The runner holds a lease on
-the job and renews it; if this replica dies, another (or its replacement) claims the job when the
-lease expires and runs it again, up to `max_attempts` runs, then marks it failed with a reason.
-Every request's state lives in the job row or in local variables of its own task.
+Every job-store call runs on worker threads (`AsyncJobStore`); SSE streams are pushed from one
+change watcher per replica (`ChangeFeed`), with keep-alive comments and event ids.
 """
 
 import asyncio
 import hashlib
 import hmac
-import io
 import json
 import logging
+import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -28,49 +27,36 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import jobs
 from serve_app.api import (
+    OPENAPI_MODELS,
     APIError,
+    CreateVideoForm,
+    CreateVideoJSON,
+    ErrorResponse,
+    Video,
+    VideoDeleted,
+    VideoList,
     VideoRequest,
+    check_text,
     decode_data_url,
     new_job_id,
-    params_from_job,
     parse_json_body,
     parse_range,
     parse_video_request,
     sniff_image,
     video_object,
 )
-from serve_app.jobs import Job, open_job_store
+from serve_app.jobs import AsyncJobStore, Job, JobStore, open_job_store
 from serve_app.metrics import JobMetrics
-from serve_app.results import ResultStore
+from serve_app.results import ResultStore, job_keys, reference_key
 from serve_app.settings import ServeSettings
-from standin.errors import InvalidImageError, InvalidRequestError
+from standin.errors import InvalidImageError
 from standin.image_io import ImageLimits, decode_image
 
 log = logging.getLogger(__name__)
 
-# Share of the progress bar each stage fills (denoising dominates).
-PREPROCESS_DONE = 5
-DENOISE_DONE = 95
 BODY_OVERHEAD = 64 * 1024  # form fields and base64 beside the image
 
-
-class RetryableError(Exception):
-    """This attempt failed for a reason another attempt may not meet (a replica died…)."""
-
-
-class UnavailableError(Exception):
-    """No healthy DiT replica right now: wait without spending an attempt."""
-
-
-class JobFailedError(Exception):
-    """The job cannot succeed (bad input); fail it now with `code`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-app = FastAPI(title="Stand-In Serve", docs_url=None, redoc_url=None)
+app = FastAPI(title="Stand-In Serve", version="1", docs_url=None, redoc_url=None)
 
 
 @app.exception_handler(APIError)
@@ -90,7 +76,54 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     param = str(first.get("loc", ["", ""])[-1]) or None
-    return JSONResponse(APIError(400, f"invalid parameter: {first.get('msg', exc)}", param=param).body(), 400)
+    message = f"invalid parameter: {first.get('msg', 'invalid')}"
+    return JSONResponse(APIError(400, message, param=param).body(), 400)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Details (traceback, paths, hosts) go to the log, never to the client.
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(APIError(500, "internal server error", type="server_error").body(), 500)
+
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "invalid request"},
+    401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+}
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such video"}}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document + the request bodies and models that the handlers parse themselves."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in OPENAPI_MODELS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        for path in doc["paths"].values():  # parameter errors are 400 here, never FastAPI's 422
+            for operation in path.values():
+                if "HTTPValidationError" in json.dumps(operation["responses"].get("422", {})):
+                    del operation["responses"]["422"]
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{CreateVideoJSON.__name__}"}},
+            "multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{CreateVideoForm.__name__}"}},
+        },
+    }
+}
 
 
 def _owner(settings: ServeSettings, request: Request) -> str | None:
@@ -126,13 +159,14 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], byt
     copy = Request(request.scope, replay)
     try:
         form = await copy.form(max_files=1, max_fields=32)
-    except Exception as exc:  # malformed multipart
-        raise APIError(400, f"malformed multipart body: {exc}") from None
+    except Exception:  # malformed multipart (the parser's message may quote raw bytes)
+        raise APIError(400, "malformed multipart body") from None
     fields: dict[str, Any] = {}
     image: bytes | None = None
     for name, value in form.multi_items():
+        check_text(name, "field name")
         if name in fields or (name == "input_reference" and image is not None):
-            raise APIError(400, f"field {name} given twice", param=name)
+            raise APIError(400, f"field {name!r} given twice", param=name)
         if isinstance(value, str):
             if name == "input_reference":
                 raise APIError(
@@ -141,6 +175,8 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], byt
                     param="input_reference",
                 )
             fields[name] = value
+        elif name != "input_reference":
+            raise APIError(400, f"field {name!r} must be text, not a file", param=name)
         else:
             image = await value.read()
     await form.close()
@@ -148,7 +184,8 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], byt
 
 
 def _check_image(data: bytes, max_bytes: int) -> None:
-    """Reject what the Preprocessor could never use, before the job is accepted."""
+    """Reject what the Preprocessor could never use, before the job is accepted (400: a bad
+    field, as OpenAI answers it; 415 is only for the request's own Content-Type)."""
     if len(data) > max_bytes:
         raise APIError(
             413,
@@ -158,10 +195,10 @@ def _check_image(data: bytes, max_bytes: int) -> None:
         )
     if sniff_image(data) is None:
         raise APIError(
-            415,
+            400,
             "input_reference must be a JPEG, PNG, WebP or AVIF image",
             param="input_reference",
-            code="unsupported_image_format",
+            code="invalid_image",
         )
     try:
         decode_image(data, ImageLimits(max_bytes=max_bytes))
@@ -171,35 +208,76 @@ def _check_image(data: bytes, max_bytes: int) -> None:
         ) from None
 
 
+class ChangeFeed:
+    """One watcher thread per replica wakes the SSE streams of jobs that changed (Redis pushes
+    the ids; SQLite reports that something changed). Streams of queued jobs wake on any change,
+    since their queue position moves when other jobs start."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.subscribers: dict[str, dict[asyncio.Event, bool]] = {}  # id → {event: any change}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def subscribe(self, job_id: str) -> asyncio.Event:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._watch, name="job-changes", daemon=True)
+            self._thread.start()
+        event = asyncio.Event()
+        self.subscribers.setdefault(job_id, {})[event] = False
+        return event
+
+    def wake_on_any_change(self, job_id: str, event: asyncio.Event, on: bool) -> None:
+        self.subscribers.get(job_id, {})[event] = on
+
+    def unsubscribe(self, job_id: str, event: asyncio.Event) -> None:
+        events = self.subscribers.get(job_id, {})
+        events.pop(event, None)
+        if not events:
+            self.subscribers.pop(job_id, None)
+
+    def _wake(self, ids: set[str] | None) -> None:
+        for job_id, events in list(self.subscribers.items()):
+            for event, any_change in events.items():
+                if ids is None or any_change or job_id in ids:
+                    event.set()
+
+    def _watch(self) -> None:
+        watcher = None
+        while True:
+            try:
+                watcher = watcher or self.store.watch()
+                ids = watcher.wait(1.0)
+                if ids is None or ids:
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._wake, ids)
+            except Exception:
+                log.warning("job change watcher failed; reconnecting", exc_info=True)
+                watcher = None
+                time.sleep(1.0)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 @serve.ingress(app)
 class Ingress:
-    def __init__(
-        self,
-        settings: ServeSettings,
-        preprocessor: DeploymentHandle,
-        dit: DeploymentHandle,
-        decoder: DeploymentHandle,
-    ) -> None:
+    def __init__(self, settings: ServeSettings, runner: DeploymentHandle | None = None) -> None:
         self.settings = settings
-        self.preprocessor = preprocessor
-        self.dit = dit
-        self.decoder = decoder
-        self.store = open_job_store(settings)
+        self.runner = runner  # bound so that the JobRunner is part of the application
+        store = open_job_store(settings)
+        self.store = AsyncJobStore(store)
+        self.feed = ChangeFeed(store)
         self.metrics = JobMetrics(settings.model_name)
         self.results = ResultStore(settings.results_location)
         try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
             self.app_name = serve.get_replica_context().app_name
         except Exception:
-            self.replica, self.app_name = uuid.uuid4().hex, ""
-        self.tasks: dict[str, asyncio.Task] = {}
+            self.app_name = ""
         self._health: tuple[float, bool, str] = (0.0, False, "")
-        self._background = asyncio.get_running_loop().create_task(self._maintenance())
 
     # -- HTTP -------------------------------------------------------------------------------
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "not ready"}})
     async def healthz(self) -> JSONResponse:
         ok, detail = await self._ready()
         if ok:
@@ -208,7 +286,7 @@ class Ingress:
             {"status": "unavailable", "detail": detail}, status_code=503, headers={"Retry-After": "5"}
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_ERRORS)
     async def models(self, request: Request) -> dict[str, Any]:
         _owner(self.settings, request)
         return {
@@ -218,11 +296,25 @@ class Ingress:
             ],
         }
 
-    @app.post("/v1/videos")
+    @app.post(
+        "/v1/videos",
+        status_code=202,
+        response_model=None,
+        openapi_extra=_CREATE_BODY,
+        responses={
+            202: {"model": Video, "description": "accepted: the job is queued"},
+            **_ERRORS,
+            404: {"model": ErrorResponse, "description": "unknown model"},
+            413: {"model": ErrorResponse, "description": "body or image too large"},
+            415: {"model": ErrorResponse, "description": "unsupported Content-Type"},
+            422: {"model": ErrorResponse, "description": "a value out of range"},
+            429: {"model": ErrorResponse, "description": "queue full (see Retry-After)"},
+        },
+    )
     async def create_video(self, request: Request) -> JSONResponse:
         owner = _owner(self.settings, request)
         video = await self._parse(request)
-        if self.store.count_active() >= self.settings.max_active_jobs:
+        if await self.store.count_active() >= self.settings.max_active_jobs:
             self.metrics.job_rejected("queue_full")
             raise APIError(
                 429,
@@ -231,22 +323,15 @@ class Ingress:
                 code="queue_full",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
-        job = Job(
-            id=new_job_id(),
-            owner=owner,
-            model=video.model,
-            request=video.to_job_request(),
-            attempts=1,
-            lease_owner=self.replica,
-            lease_expires_at=time.time() + self.settings.lease_s,
-        )
-        self.store.create(job, {"image": video.image} if video.image is not None else None)
+        job = Job(id=new_job_id(), owner=owner, model=video.model, request=video.to_job_request())
+        if video.image is not None:  # large inputs live in the results store, not the job store
+            await asyncio.to_thread(self.results.put, reference_key(job.id), video.image)
+        await self.store.create(job)
         self.metrics.job_accepted()
-        self._spawn(job.id)
-        log.info("accepted %s (%s)", job.id, job.request["width"])
-        return JSONResponse(video_object(job), status_code=202)
+        log.info("accepted %s", job.id)
+        return JSONResponse(video_object(job, await self.store.queue_position(job.id)), status_code=202)
 
-    @app.get("/v1/videos")
+    @app.get("/v1/videos", response_model=VideoList, responses=_ERRORS)
     async def list_videos(
         self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc"
     ) -> dict[str, Any]:
@@ -255,7 +340,7 @@ class Ingress:
             raise APIError(400, f"limit must be in [1, 100], got {limit}", param="limit")
         if order not in ("asc", "desc"):
             raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
-        found = self.store.list(owner, limit + 1, after, order)
+        found = await self.store.list(owner, limit + 1, after, order)
         data = [video_object(j) for j in found[:limit]]
         return {
             "object": "list",
@@ -265,27 +350,39 @@ class Ingress:
             "has_more": len(found) > limit,
         }
 
-    @app.get("/v1/videos/{video_id}")
+    @app.get("/v1/videos/{video_id}", response_model=Video, responses={**_ERRORS, **_NOT_FOUND})
     async def get_video(self, video_id: str, request: Request) -> dict[str, Any]:
-        return video_object(self._visible(video_id, _owner(self.settings, request)))
+        job = await self._visible(video_id, _owner(self.settings, request))
+        return await self._video(job)
 
-    @app.delete("/v1/videos/{video_id}")
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses={**_ERRORS, **_NOT_FOUND})
     async def delete_video(self, video_id: str, request: Request) -> dict[str, Any]:
-        job = self._visible(video_id, _owner(self.settings, request))
-        self.store.delete(job.id)  # a runner anywhere sees the row gone and stops
-        if not job.terminal:
-            self.metrics.job_finished("cancelled")
-        task = self.tasks.get(job.id)
-        if task is not None:
-            task.cancel()
-        if job.result_key:
-            self.results.delete(job.result_key)
+        job = await self._visible(video_id, _owner(self.settings, request))
+        # The runner's next lease renewal (and the DiT's own check) sees the row gone and stops.
+        removed = await self.store.delete(job.id)
+        if removed is not None:
+            if not removed.terminal:
+                self.metrics.job_finished("cancelled")
+            await asyncio.to_thread(self._delete_files, removed)
         log.info("deleted %s (was %s)", job.id, job.status)
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 
-    @app.get("/v1/videos/{video_id}/content")
+    def _delete_files(self, job: Job) -> None:
+        for key in job_keys(job):
+            self.results.delete(key)
+
+    @app.get(
+        "/v1/videos/{video_id}/content",
+        response_class=Response,
+        responses={
+            200: {"content": {"video/mp4": {}}, "description": "the MP4 (Range requests: 206)"},
+            **_ERRORS,
+            **_NOT_FOUND,
+            409: {"model": ErrorResponse, "description": "the video is not completed"},
+        },
+    )
     async def content(self, video_id: str, request: Request) -> Response:
-        job = self._visible(video_id, _owner(self.settings, request))
+        job = await self._visible(video_id, _owner(self.settings, request))
         if job.status != jobs.COMPLETED or not job.result_key:
             raise APIError(
                 409,
@@ -309,31 +406,53 @@ class Ingress:
             return Response(data[start : end + 1], status_code=206, media_type="video/mp4", headers=headers)
         return Response(data, media_type="video/mp4", headers=headers)
 
-    @app.get("/v1/videos/{video_id}/events")
+    @app.get(
+        "/v1/videos/{video_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS, **_NOT_FOUND},
+    )
     async def events(self, video_id: str, request: Request) -> StreamingResponse:
-        job = self._visible(video_id, _owner(self.settings, request))
+        job = await self._visible(video_id, _owner(self.settings, request))
         return StreamingResponse(
-            self._event_stream(job.id, request),
+            self._event_stream(job.id, request.headers.get("last-event-id")),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _event_stream(self, job_id: str, request: Request) -> AsyncIterator[str]:
-        last: tuple[str, int] | None = None
-        while True:
-            job = self.store.get(job_id)
-            if job is None:
-                yield f'event: deleted\ndata: {{"id": "{job_id}"}}\n\n'
-                return
-            if (job.status, job.progress) != last:
-                last = (job.status, job.progress)
-                kind = job.status if job.terminal else "progress"
-                yield f"event: {kind}\ndata: {json.dumps(video_object(job))}\n\n"
-            if job.terminal or await request.is_disconnected():
-                return
-            await asyncio.sleep(0.25)
+    async def _event_stream(self, job_id: str, last_event_id: str | None) -> AsyncIterator[str]:
+        """Pushed on change: one event per change of the job (id = its write count `rev`), a
+        keep-alive comment while nothing changes; a client reconnecting with Last-Event-ID gets
+        only what it has not seen."""
+        changed = self.feed.subscribe(job_id)
+        last: tuple[str, int | None] | None = None
+        try:
+            while True:
+                changed.clear()
+                job = await self.store.get(job_id)
+                if job is None:
+                    yield f'event: deleted\ndata: {{"id": "{job_id}"}}\n\n'
+                    return
+                video = await self._video(job)
+                now = (str(job.rev), video["queue_position"])
+                if now != last and (last is not None or now[0] != last_event_id or job.terminal):
+                    kind = job.status if job.terminal else "progress"
+                    yield f"id: {job.rev}\nevent: {kind}\ndata: {json.dumps(video)}\n\n"
+                last = now
+                if job.terminal:
+                    return
+                self.feed.wake_on_any_change(job_id, changed, job.status == jobs.QUEUED)
+                try:
+                    await asyncio.wait_for(changed.wait(), self.settings.sse_keepalive_s)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+        finally:
+            self.feed.unsubscribe(job_id, changed)
 
-    # -- request parsing ----------------------------------------------------------------------
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _video(self, job: Job) -> dict[str, Any]:
+        position = await self.store.queue_position(job.id) if job.status == jobs.QUEUED else None
+        return video_object(job, position)
 
     async def _parse(self, request: Request) -> VideoRequest:
         s = self.settings
@@ -341,12 +460,19 @@ class Ingress:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded"):
+            raise APIError(
+                415,
+                f"unsupported Content-Type {ctype[:100] or '(none)'!r}: "
+                "send multipart/form-data or application/json",
+                code="unsupported_media_type",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         image: bytes | None = None
         if ctype == "application/json":
             fields = parse_json_body(bytes(body))
@@ -354,22 +480,15 @@ class Ingress:
             if ref is not None:
                 image = decode_data_url(ref, s.max_upload_bytes)
             form = False
-        elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        else:
             fields, image = await _read_form(request, bytes(body))
             form = True
-        else:
-            raise APIError(
-                415,
-                f"unsupported Content-Type {ctype or '(none)'!r}: "
-                "send multipart/form-data or application/json",
-                code="unsupported_media_type",
-            )
         if image is not None:
             await asyncio.to_thread(_check_image, image, s.max_upload_bytes)
         return parse_video_request(fields, image, s, form=form)
 
-    def _visible(self, video_id: str, owner: str | None) -> Job:
-        job = self.store.get(video_id)
+    async def _visible(self, video_id: str, owner: str | None) -> Job:
+        job = await self.store.get(video_id)
         # Another key's job answers exactly like a missing one: ids do not leak.
         if job is None or job.owner != owner:
             raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="video_not_found")
@@ -383,189 +502,16 @@ class Ingress:
             status = await asyncio.to_thread(serve.status)
             app_status = status.applications.get(self.app_name) if self.app_name else None
             if app_status is None:
-                ok, detail = False, f"application {self.app_name!r} not found"
+                ok, detail = False, "application not found"
             else:
                 ok = str(app_status.status).endswith("RUNNING")
-                bad = {
-                    n: str(d.status)
-                    for n, d in app_status.deployments.items()
-                    if not str(d.status).endswith("HEALTHY")
-                }
-                detail = "" if ok else f"application {app_status.status}: {bad}"
-            self.store.count_active()
-        except Exception as exc:  # the controller or the database is unreachable
-            ok, detail = False, f"{type(exc).__name__}: {exc}"
+                bad = sorted(
+                    n for n, d in app_status.deployments.items() if not str(d.status).endswith("HEALTHY")
+                )
+                detail = "" if ok else f"deployments not healthy: {bad}"
+            await self.store.count_active()
+        except Exception:  # the controller or the database is unreachable
+            log.warning("readiness check failed", exc_info=True)
+            ok, detail = False, "the job store or the Serve controller is unreachable"
         self._health = (now, ok, detail)
         return ok, detail
-
-    # -- the job runner ----------------------------------------------------------------------
-
-    def _spawn(self, job_id: str) -> None:
-        if job_id in self.tasks:
-            return
-        task = asyncio.get_running_loop().create_task(self._execute(job_id))
-        self.tasks[job_id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(job_id, None))
-
-    async def _execute(self, job_id: str) -> None:
-        s = self.settings
-        keeper = asyncio.get_running_loop().create_task(self._keep_lease(job_id, asyncio.current_task()))
-        deadline = time.monotonic() + s.job_timeout_s
-        try:
-            while True:
-                job = self.store.get(job_id)
-                if job is None or job.terminal:
-                    return
-                if job.attempts > s.max_attempts:
-                    self._fail(job_id, "retries_exhausted", f"gave up after {s.max_attempts} attempts")
-                    return
-                if time.monotonic() > deadline:
-                    self._fail(job_id, "timeout", f"not finished within {s.job_timeout_s:g} s")
-                    return
-                try:
-                    await self._attempt(job)
-                    return
-                except JobFailedError as exc:
-                    self._fail(job_id, exc.code, str(exc))
-                    return
-                except UnavailableError as exc:
-                    log.info("%s waits for a healthy DiT replica: %s", job_id, exc)
-                    await asyncio.sleep(1.0)
-                except Exception as exc:  # RetryableError, a dead replica, a lost actor…
-                    log.warning("%s attempt %d failed: %s", job_id, job.attempts, exc)
-                    if job.attempts >= s.max_attempts:
-                        self._fail(
-                            job_id, "generation_failed", f"attempt {job.attempts}/{s.max_attempts}: {exc}"
-                        )
-                        return
-                    self.store.update(job_id, attempts=job.attempts + 1, status=jobs.QUEUED)
-                    self.metrics.job_retried()
-                    await asyncio.sleep(s.retry_backoff_s * 2 ** (job.attempts - 1))
-        except asyncio.CancelledError:
-            log.info("%s: runner stopped (deleted, or lease lost)", job_id)
-        finally:
-            keeper.cancel()
-
-    def _fail(self, job_id: str, code: str, message: str) -> None:
-        log.warning("%s failed: %s: %s", job_id, code, message)
-        done = self.store.finish(
-            job_id,
-            jobs.FAILED,
-            error_code=code,
-            error_message=message,
-            expires_at=int(time.time() + self.settings.result_ttl_s),
-        )
-        if done:
-            self.metrics.job_finished(jobs.FAILED, code)
-
-    async def _keep_lease(self, job_id: str, runner: asyncio.Task | None) -> None:
-        """Renew the lease; stop the runner when the job was deleted or taken over."""
-        s = self.settings
-        last_renewal = time.monotonic()
-        while True:
-            await asyncio.sleep(0.5)
-            if time.monotonic() - last_renewal >= s.lease_s / 3:
-                alive = self.store.renew_lease(job_id, self.replica, s.lease_s)
-                last_renewal = time.monotonic()
-            else:
-                alive = (job := self.store.get(job_id)) is not None and not job.terminal
-            if not alive and runner is not None:
-                runner.cancel()
-                return
-
-    async def _attempt(self, job: Job) -> None:
-        r = job.request
-        params = params_from_job(r)
-        conditioning = await self._conditioning(job, params)
-        self.store.update(
-            job.id, status=jobs.IN_PROGRESS, started_at=int(time.time()), progress=PREPROCESS_DONE
-        )
-        started = time.time()
-        self.metrics.job_started(started - job.created_at)
-        last_step = time.monotonic()
-
-        stream = self.dit.options(stream=True).denoise.remote(params, conditioning)
-        latents = None
-        shown = PREPROCESS_DONE
-        try:
-            async for event in stream:
-                kind = event["event"]
-                if kind == "progress":
-                    now = time.monotonic()
-                    self.metrics.step(now - last_step)
-                    last_step = now
-                    pct = PREPROCESS_DONE + (DENOISE_DONE - PREPROCESS_DONE) * event["step"] // event["total"]
-                    if pct != shown:
-                        shown = pct
-                        self.store.update(job.id, progress=pct)
-                elif kind == "result":
-                    latents = event["latents"]
-                elif event["kind"] == "invalid":
-                    raise JobFailedError("invalid_request", event["message"])
-                elif event["kind"] == "unavailable":
-                    raise UnavailableError(event["message"])
-                else:
-                    raise RetryableError(f"DiT {event['kind']}: {event['message']}")
-        finally:
-            if latents is None:
-                stream.cancel()
-        if latents is None:
-            raise RetryableError("the DiT stream ended without a result")
-
-        key = f"{job.id}.mp4"
-        stored = await self.decoder.decode.remote(latents, float(r["fps"]), key)
-        done = self.store.finish(
-            job.id,
-            jobs.COMPLETED,
-            progress=100,
-            result_key=key,
-            frames_sha256=stored["frames_sha256"],
-            expires_at=int(time.time() + self.settings.result_ttl_s),
-        )
-        if not done:  # deleted while decoding
-            self.results.delete(key)
-        else:
-            self.metrics.job_finished(jobs.COMPLETED)
-            self.metrics.job_ran(time.time() - started)
-            log.info("%s completed (attempt %d)", job.id, job.attempts)
-
-    async def _conditioning(self, job: Job, params: Any) -> dict[str, torch.Tensor | None]:
-        """Encoded prompt/face: from the blob a previous attempt saved, or from the Preprocessor.
-        The raw upload is deleted as soon as its encoding is saved."""
-        saved = self.store.get_blob(job.id, "conditioning")
-        if saved is not None:
-            return torch.load(io.BytesIO(saved), weights_only=True)
-        r = job.request
-        image = self.store.get_blob(job.id, "image") if r["has_reference"] else None
-        if r["has_reference"] and image is None:
-            raise JobFailedError("input_lost", "the reference image is no longer stored")
-        negative = params.negative_prompt if params.guidance_scale != 1.0 else None
-        try:
-            cond = await self.preprocessor.encode.remote(params.prompt, negative, image, r["subject"])
-        except InvalidImageError as exc:
-            raise JobFailedError("invalid_image", str(exc)) from None
-        except InvalidRequestError as exc:
-            raise JobFailedError("invalid_request", str(exc)) from None
-        buf = io.BytesIO()
-        torch.save(cond, buf)
-        self.store.put_blob(job.id, "conditioning", buf.getvalue())
-        self.store.delete_blob(job.id, "image")
-        return cond
-
-    # -- recovery and expiry ------------------------------------------------------------------
-
-    async def _maintenance(self) -> None:
-        """Claim jobs whose runner died; delete expired results."""
-        s = self.settings
-        while True:
-            try:
-                for job in self.store.claim_expired(self.replica, s.lease_s):
-                    log.info("recovering %s (attempt %d)", job.id, job.attempts)
-                    self._spawn(job.id)
-                for job in self.store.expired(time.time()):
-                    if job.result_key:
-                        self.results.delete(job.result_key)
-                    self.store.delete(job.id)
-            except Exception:
-                log.exception("job maintenance failed")
-            await asyncio.sleep(min(5.0, s.lease_s / 2))

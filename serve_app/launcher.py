@@ -1,13 +1,17 @@
 """`standin serve`: start a local Ray cluster (or join one), deploy a Serve config, wait.
 
-Deploys exactly as `serve run <config>` does (the controller builds the app from its
-`import_path` and applies the `deployments` overrides), so the same YAML works with Ray's CLI,
-`serve deploy` and KubeRay. On Ctrl-C / SIGTERM it shuts down Serve and — only if it started
-it — the local Ray cluster; it never touches other Ray processes on the machine.
+Uses only Serve's public API: the config is checked first (`ServeDeploySchema`, then our
+`ServeSettings` with each deployment's replica count — a bad key fails here, named, before
+anything starts), then `serve.start` with its HTTP options and `serve.run` of each application,
+built by our builder with the config's `deployments` options applied (`Deployment.options`).
+The same YAML works with Ray's CLI (`serve run`, `serve deploy`) and KubeRay. On Ctrl-C / SIGTERM
+it shuts down Serve and — only if it started it — the local Ray cluster; it never touches other
+Ray processes on the machine.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -17,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from serve_app.settings import ServeSettings, SettingsError, replicas_of
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +59,16 @@ def load_config(path: Path, host: str | None = None, port: int | None = None) ->
     return config
 
 
-def wait_until_running(app_names: list[str], timeout_s: float) -> None:
+def wait_until_running(
+    app_names: list[str], timeout_s: float, failures: list[BaseException] | None = None
+) -> None:
     """Block until every application is RUNNING; raise with Serve's message if one fails."""
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
     while True:
+        if failures:
+            raise RuntimeError(f"deployment failed: {failures[0]}")
         apps = serve.status().applications
         states = {name: apps.get(name) for name in app_names}
         failed = {
@@ -73,6 +83,48 @@ def wait_until_running(app_names: list[str], timeout_s: float) -> None:
         time.sleep(1.0)
 
 
+def check_config(config: dict[str, Any]) -> None:
+    """Validate every application's settings against its deployments; SystemExit naming the key."""
+    for app in config.get("applications", []):
+        try:
+            ServeSettings.from_args(app.get("args") or {}, replicas=replicas_of(app.get("deployments") or []))
+        except SettingsError as exc:
+            raise SystemExit(f"error: application {app.get('name')!r}: {exc}") from None
+
+
+def _builder(import_path: str) -> Any:
+    module, _, attr = import_path.replace(":", ".").rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _deploy(app: Any, failures: list[BaseException]) -> None:
+    """serve.run blocks until the application is RUNNING (or raises); run it beside the wait."""
+    from ray import serve
+
+    try:
+        deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]
+        built = _builder(app.import_path)(app.args, deployments=deployments)
+        serve.run(built, name=app.name, route_prefix=app.route_prefix, blocking=False)
+    except BaseException as exc:
+        failures.append(exc)
+
+
+def deploy_config(config: Any, ready_timeout_s: float) -> None:
+    """Start Serve with the config's HTTP options and deploy its applications (public API only)
+    on the connected Ray cluster; returns when all are RUNNING. `config`: a ServeDeploySchema."""
+    from ray import serve
+
+    serve.start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=config.grpc_options.model_dump(),
+    )
+    failures: list[BaseException] = []
+    for app in config.applications:
+        threading.Thread(target=_deploy, args=(app, failures), daemon=True).start()
+    wait_until_running([a.name for a in config.applications], ready_timeout_s, failures)
+
+
 def serve_main(
     config_path: Path,
     *,
@@ -80,6 +132,7 @@ def serve_main(
     host: str | None = None,
     port: int | None = None,
     num_cpus: float | None = None,
+    num_gpus: float | None = None,
     ready_timeout_s: float = 600.0,
     block: bool = True,
 ) -> int:
@@ -88,16 +141,18 @@ def serve_main(
     # A cluster this command starts is private to it; `serve status` against it needs the same mode.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
-    from ray.serve._private import api as serve_api  # the code path `serve run <config>` takes
-    from ray.serve.config import gRPCOptions
+    from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(load_config(config_path, host, port))
+    raw = load_config(config_path, host, port)
+    check_config(raw)
+    config = ServeDeploySchema.model_validate(raw)
     started_cluster = address is None
     ray.init(
         address=address,
         namespace="serve",
         num_cpus=num_cpus if started_cluster else None,
+        num_gpus=num_gpus if started_cluster else None,
         include_dashboard=False if started_cluster else None,
         logging_level=logging.WARNING,
     )
@@ -105,14 +160,7 @@ def serve_main(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        client = serve_api.serve_start(
-            http_options=config.http_options.model_dump(),
-            proxy_location=config.proxy_location,
-            grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-        )
-        client.deploy_apps(config, _blocking=False)
-        names = [a.name for a in config.applications]
-        wait_until_running(names, ready_timeout_s)
+        deploy_config(config, ready_timeout_s)
         http = config.http_options
         log.info("Stand-In Serve is ready at http://%s:%s  (Ctrl-C stops it)", http.host, http.port)
         while block and not stop.wait(1.0):
@@ -122,8 +170,6 @@ def serve_main(
         log.error("%s", exc)
         return 1
     finally:
-        from ray import serve
-
         log.info("shutting down")
         if started_cluster:
             serve.shutdown()

@@ -1,14 +1,16 @@
 """Job metrics, exported through Ray's metrics agent (Prometheus format on every node).
 
-Ray prefixes the names with `ray_`; counters get a `_total` suffix. Each Ingress replica
-records the jobs it runs, and Prometheus sums over replicas:
+Ray prefixes the names with `ray_`; counters get a `_total` suffix. The Ingress records what
+it answers (accepted, rejected, cancelled by DELETE), the JobRunner the jobs it runs; Prometheus
+sums over replicas:
 
 - `standin_jobs_accepted` / `standin_jobs_rejected{reason}`: POST /v1/videos answered 202 / 429.
 - `standin_jobs_finished{status, code}`: completed, failed (with its error code), cancelled.
 - `standin_job_retries`: attempts started again after a replica or rank died.
-- `standin_job_queue_wait_seconds`: accepted → the DiT starts (per attempt).
+- `standin_job_queue_wait_seconds`: accepted → a DiT replica actually starts the job (per attempt).
 - `standin_job_run_seconds`: the DiT starts → the MP4 is stored (successful attempts).
-- `standin_denoise_step_seconds`: time between two denoising steps as the Ingress sees them.
+- `standin_denoise_step_seconds`: time between two denoising steps as the JobRunner sees them
+  (the first from the DiT's start).
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
 """The job store on Redis: several ingress replicas on different nodes share one set of jobs.
 
 Same contract as `SQLiteJobStore` (serve_app/jobs.py). Every read-modify-write is one Lua
-script, so it is atomic on the server: two replicas can never both claim an expired lease, and a
-runner can never update a job that another replica has just finished or deleted.
+script, so it is atomic on the server: two runners can never both claim an expired lease, and a
+run's writes apply only while the job still holds that run's lease (owner + attempt). Every
+script publishes the id of the job it changed on `changes` (SSE streams are pushed from it).
 
 Keys (all under `prefix`, default ``standin:``):
     job:<id>      hash of the job's fields; a field that is None is absent; `seq` orders jobs
-    blobs:<id>    hash name → bytes (the upload, the encoded conditioning)
     seq           counter that numbers jobs in creation order (pagination)
     owner:-       sorted set seq → id of jobs created without an API key; owner:=<hash> per key
     active        sorted set id → lease expiry (0: no lease) of queued / in-progress jobs
+    queue         sorted set seq → id of queued jobs (queue positions)
     expiry        sorted set id → expires_at of terminal jobs (the result TTL)
+    changes       pub/sub channel: ids of changed jobs
 
 Durability is Redis's: run it with AOF (`appendonly yes`) so that accepted jobs survive a Redis
 restart. The scripts touch keys they compute, so Redis Cluster (sharded) mode is not supported;
@@ -27,16 +29,16 @@ from typing import Any
 
 import redis
 
-from serve_app.jobs import ACTIVE, TERMINAL, Job, JobStore
+from serve_app.jobs import ACTIVE, QUEUED, ChangeWatcher, Job, JobStore, Lease
 
 log = logging.getLogger(__name__)
 
-_INT = {"progress", "created_at", "started_at", "completed_at", "expires_at", "attempts"}
+_INT = {"progress", "created_at", "started_at", "completed_at", "expires_at", "attempts", "rev"}
 _FLOAT = {"lease_expires_at"}
 _JSON = {"request"}
 _FIELDS = {f.name for f in fields(Job)}
 
-# Shared by every script: keep the three indexes in step with the job hash.
+# Shared by every script: keep the indexes in step with the job hash; publish changes.
 _PRELUDE = """
 local p = ARGV[1]
 local function owner_key(owner)
@@ -44,11 +46,21 @@ local function owner_key(owner)
   return p .. 'owner:-'
 end
 local function is_active(status)
-  return status == 'queued' or status == 'in_progress'
+  return ACTIVE_TEST
+end
+local function changed(id)
+  redis.call('PUBLISH', p .. 'changes', id)
+end
+-- the run (owner, attempt) still holds the lease of this active job
+local function holds(jk, owner, attempt)
+  local v = redis.call('HMGET', jk, 'status', 'lease_owner', 'attempts')
+  return is_active(v[1]) and v[2] == owner and v[3] == attempt
 end
 local function reindex(id)
   local jk = p .. 'job:' .. id
-  local v = redis.call('HMGET', jk, 'status', 'lease_expires_at', 'expires_at')
+  local v = redis.call('HMGET', jk, 'status', 'lease_expires_at', 'expires_at', 'seq')
+  if v[1] == 'QUEUED_STATUS' then redis.call('ZADD', p .. 'queue', v[4], id)
+  else redis.call('ZREM', p .. 'queue', id) end
   if is_active(v[1]) then
     redis.call('ZADD', p .. 'active', v[2] or '0', id)
     redis.call('ZREM', p .. 'expiry', id)
@@ -69,31 +81,36 @@ local function apply(jk, i)
 end
 """
 
-# ARGV: prefix, id, owner ('' with has_owner '0' for None), has_owner, fields…, blobs (k, name, data…)
+# The statuses come from serve_app.jobs, the one place that lists them.
+_PRELUDE = _PRELUDE.replace("ACTIVE_TEST", " or ".join(f"status == '{s}'" for s in ACTIVE)).replace(
+    "QUEUED_STATUS", QUEUED
+)
+
+# ARGV: prefix, id, owner ('' with has_owner '0' for None), has_owner, fields…
 _CREATE = """
 local id = ARGV[2]
 local jk = p .. 'job:' .. id
 if redis.call('EXISTS', jk) == 1 then return redis.error_reply('job ' .. id .. ' already exists') end
 local seq = redis.call('INCR', p .. 'seq')
-local i = apply(jk, 5)
+apply(jk, 5)
 redis.call('HSET', jk, 'seq', seq)
-local k = tonumber(ARGV[i])
-for j = 0, k - 1 do redis.call('HSET', p .. 'blobs:' .. id, ARGV[i + 1 + 2 * j], ARGV[i + 2 + 2 * j]) end
 local owner = false
 if ARGV[4] == '1' then owner = ARGV[3] end
 redis.call('ZADD', owner_key(owner), seq, id)
 reindex(id)
+changed(id)
 return seq
 """
 
-# ARGV: prefix, id, drop_blobs ('1' when the job ends), fields… → 1 if updated
-_UPDATE = """
+# ARGV: prefix, id, lease owner, attempt, fields… → 1 if the job still held that lease
+_FENCED_UPDATE = """
 local id = ARGV[2]
 local jk = p .. 'job:' .. id
-if not is_active(redis.call('HGET', jk, 'status')) then return 0 end
-apply(jk, 4)
-if ARGV[3] == '1' then redis.call('DEL', p .. 'blobs:' .. id) end
+if not holds(jk, ARGV[3], ARGV[4]) then return 0 end
+apply(jk, 5)
+redis.call('HINCRBY', jk, 'rev', 1)
 reindex(id)
+changed(id)
 return 1
 """
 
@@ -104,40 +121,50 @@ local jk = p .. 'job:' .. id
 local row = redis.call('HGETALL', jk)
 if #row == 0 then return row end
 redis.call('ZREM', owner_key(redis.call('HGET', jk, 'owner')), id)
-redis.call('DEL', jk, p .. 'blobs:' .. id)
+redis.call('DEL', jk)
 redis.call('ZREM', p .. 'active', id)
+redis.call('ZREM', p .. 'queue', id)
 redis.call('ZREM', p .. 'expiry', id)
+changed(id)
 return row
 """
 
-# ARGV: prefix, id, owner, new expiry → 1 if `owner` still holds the lease of an active job
+# ARGV: prefix, owner, new expiry, n, then n (id, attempt) pairs → ids whose lease `owner` holds
 _RENEW = """
-local id = ARGV[2]
-local jk = p .. 'job:' .. id
-local v = redis.call('HMGET', jk, 'status', 'lease_owner')
-if not is_active(v[1]) or v[2] ~= ARGV[3] then return 0 end
-redis.call('HSET', jk, 'lease_expires_at', ARGV[4])
-redis.call('ZADD', p .. 'active', ARGV[4], id)
-return 1
+local held = {}
+local n = tonumber(ARGV[4])
+for j = 0, n - 1 do
+  local id = ARGV[5 + 2 * j]
+  local jk = p .. 'job:' .. id
+  if holds(jk, ARGV[2], ARGV[6 + 2 * j]) then
+    redis.call('HSET', jk, 'lease_expires_at', ARGV[3])
+    redis.call('ZADD', p .. 'active', ARGV[3], id)
+    table.insert(held, id)
+  end
+end
+return held
 """
 
-# ARGV: prefix, owner, now, new expiry, limit → ids taken over (attempts + 1 each)
+# ARGV: prefix, owner, now, new expiry, limit → ids taken over (attempts + 1 each), oldest first
 _CLAIM = """
-local ids = redis.call('ZRANGEBYSCORE', p .. 'active', '-inf', '(' .. ARGV[3], 'LIMIT', 0, tonumber(ARGV[5]))
+local ids = redis.call('ZRANGEBYSCORE', p .. 'active', '-inf', '(' .. ARGV[3])
+local rows = {}
 for _, id in ipairs(ids) do
+  table.insert(rows, {tonumber(redis.call('HGET', p .. 'job:' .. id, 'seq')), id})
+end
+table.sort(rows, function(a, b) return a[1] < b[1] end)
+local taken = {}
+for k = 1, math.min(#rows, tonumber(ARGV[5])) do
+  local id = rows[k][2]
   local jk = p .. 'job:' .. id
   redis.call('HSET', jk, 'lease_owner', ARGV[2], 'lease_expires_at', ARGV[4])
   redis.call('HINCRBY', jk, 'attempts', 1)
+  redis.call('HINCRBY', jk, 'rev', 1)
   redis.call('ZADD', p .. 'active', ARGV[4], id)
+  changed(id)
+  table.insert(taken, id)
 end
-return ids
-"""
-
-# ARGV: prefix, id, name, data → 1 if stored (a deleted job gets no orphan blobs)
-_PUT_BLOB = """
-if redis.call('EXISTS', p .. 'job:' .. ARGV[2]) == 0 then return 0 end
-redis.call('HSET', p .. 'blobs:' .. ARGV[2], ARGV[3], ARGV[4])
-return 1
+return taken
 """
 
 
@@ -181,8 +208,28 @@ def _decode(row: dict[bytes, bytes]) -> Job | None:
     return Job(**values)
 
 
+class _RedisWatcher(ChangeWatcher):
+    """Pushed: every script publishes the id of the job it changed on `<prefix>changes`."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(channel)
+
+    def wait(self, timeout_s: float) -> set[str] | None:
+        ids: set[str] = set()
+        message = self.pubsub.get_message(timeout=timeout_s)
+        while message is not None:
+            if message.get("type") == "message":
+                ids.add(message["data"].decode())
+            message = self.pubsub.get_message(timeout=0)
+        return ids
+
+    def close(self) -> None:
+        self.pubsub.close()
+
+
 class RedisJobStore(JobStore):
-    """Jobs in one Redis database, shared by every ingress replica of the cluster."""
+    """Jobs in one Redis database, shared by every Ingress and JobRunner replica of the cluster."""
 
     def __init__(self, url: str, prefix: str = "standin:", timeout_s: float = 10.0) -> None:
         self.prefix = prefix
@@ -195,11 +242,10 @@ class RedisJobStore(JobStore):
             retry_on_timeout=True,
         )
         self._create = self.redis.register_script(_PRELUDE + _CREATE)
-        self._update = self.redis.register_script(_PRELUDE + _UPDATE)
+        self._fenced = self.redis.register_script(_PRELUDE + _FENCED_UPDATE)
         self._delete = self.redis.register_script(_PRELUDE + _DELETE)
         self._renew = self.redis.register_script(_PRELUDE + _RENEW)
         self._claim = self.redis.register_script(_PRELUDE + _CLAIM)
-        self._put_blob = self.redis.register_script(_PRELUDE + _PUT_BLOB)
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}:{name}"
@@ -213,21 +259,9 @@ class RedisJobStore(JobStore):
             pipe.hgetall(self._key("job", job_id.decode() if isinstance(job_id, bytes) else job_id))
         return [job for job in map(_decode, pipe.execute()) if job is not None]
 
-    def create(self, job: Job, blobs: dict[str, bytes] | None = None) -> None:
-        values = asdict(job)
-        blob_args: list[Any] = [len(blobs or {})]
-        for name, data in (blobs or {}).items():
-            blob_args += [name, data]
-        self._create(
-            args=[
-                self.prefix,
-                job.id,
-                job.owner or "",
-                "0" if job.owner is None else "1",
-                *_fields_args(values),
-                *blob_args,
-            ]
-        )
+    def create(self, job: Job) -> None:
+        owner = ["", "0"] if job.owner is None else [job.owner, "1"]
+        self._create(args=[self.prefix, job.id, *owner, *_fields_args(asdict(job))])
 
     def get(self, job_id: str) -> Job | None:
         return _decode(self.redis.hgetall(self._key("job", job_id)))
@@ -249,41 +283,33 @@ class RedisJobStore(JobStore):
     def count_active(self) -> int:
         return int(self.redis.zcard(self.prefix + "active"))
 
-    def update(self, job_id: str, **fields: Any) -> bool:
-        if not fields:
-            return self.get(job_id) is not None
-        return bool(self._update(args=[self.prefix, job_id, "0", *_fields_args(fields)]))
+    def queue_position(self, job_id: str) -> int | None:
+        rank = self.redis.zrank(self.prefix + "queue", job_id)
+        return None if rank is None else int(rank) + 1
 
-    def finish(self, job_id: str, status: str, **fields: Any) -> bool:
-        if status not in TERMINAL:
-            raise ValueError(f"{status!r} is not a terminal status")
-        fields = {"status": status, "lease_owner": None, "lease_expires_at": None, **fields}
-        fields.setdefault("completed_at", int(time.time()))
-        return bool(self._update(args=[self.prefix, job_id, "1", *_fields_args(fields)]))
+    def claim(self, owner: str, lease_s: float, limit: int) -> list[Job]:
+        now = time.time()
+        ids = self._claim(args=[self.prefix, owner, repr(now), repr(now + lease_s), limit])
+        return [j for j in self._jobs(ids) if j.status in ACTIVE]
+
+    def renew(self, owner: str, leases: dict[str, int], lease_s: float) -> set[str]:
+        if not leases:
+            return set()
+        pairs = [x for job_id, attempt in leases.items() for x in (job_id, str(attempt))]
+        held = self._renew(args=[self.prefix, owner, repr(time.time() + lease_s), len(leases), *pairs])
+        return {h.decode() for h in held}
+
+    def _fenced_update(self, job_id: str, lease: Lease, fields: dict[str, Any]) -> bool:
+        args = [self.prefix, job_id, lease.owner, str(lease.attempt), *_fields_args(fields)]
+        return bool(self._fenced(args=args))
 
     def delete(self, job_id: str) -> Job | None:
         flat = self._delete(args=[self.prefix, job_id])
         return _decode(dict(zip(flat[::2], flat[1::2], strict=True)))
 
-    def renew_lease(self, job_id: str, owner: str, lease_s: float) -> bool:
-        return bool(self._renew(args=[self.prefix, job_id, owner, repr(time.time() + lease_s)]))
-
-    def claim_expired(self, owner: str, lease_s: float, limit: int = 8) -> list[Job]:
-        now = time.time()
-        ids = self._claim(args=[self.prefix, owner, repr(now), repr(now + lease_s), limit])
-        claimed = self._jobs(ids)
-        return [j for j in claimed if j.status in ACTIVE]
-
-    def put_blob(self, job_id: str, name: str, data: bytes) -> None:
-        self._put_blob(args=[self.prefix, job_id, name, data])
-
-    def get_blob(self, job_id: str, name: str) -> bytes | None:
-        data = self.redis.hget(self._key("blobs", job_id), name)
-        return None if data is None else bytes(data)
-
-    def delete_blob(self, job_id: str, name: str) -> None:
-        self.redis.hdel(self._key("blobs", job_id), name)
-
     def expired(self, now: float, limit: int = 100) -> list[Job]:
         ids = self.redis.zrangebyscore(self.prefix + "expiry", "-inf", repr(now), start=0, num=limit)
         return [j for j in self._jobs(ids) if j.terminal]
+
+    def watch(self) -> ChangeWatcher:
+        return _RedisWatcher(self.redis, self.prefix + "changes")

@@ -1,7 +1,11 @@
-"""Where finished videos live: a local directory by default, or any fsspec URL (s3://…, gs://…).
+"""Where finished videos and a job's large inputs live: a local directory by default, or any
+fsspec URL (s3://…, gs://…). The job store holds only their keys.
 
-Keys are `<job id>.mp4`; the job row remembers the key. Writes go to a temporary name first and
-are renamed into place, so a reader never sees half a video.
+Keys: `<job id>.reference` (the upload, written before the job is accepted),
+`<job id>.a<attempt>.conditioning` (the encoded prompt/face) and `<job id>.a<attempt>.mp4`. A run
+writes only under its own attempt's keys and then publishes a key by a fenced write of the job
+row, so a stale run can never overwrite what another attempt published. Writes go to a temporary
+name first and are renamed into place, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -9,11 +13,34 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve_app.jobs import Job
 
 log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+def reference_key(job_id: str) -> str:
+    return f"{job_id}.reference"
+
+
+def conditioning_key(job_id: str, attempt: int) -> str:
+    return f"{job_id}.a{attempt}.conditioning"
+
+
+def video_key(job_id: str, attempt: int) -> str:
+    return f"{job_id}.a{attempt}.mp4"
+
+
+def job_keys(job: Job) -> list[str]:
+    """Every key a job has published: its upload, its conditioning, its video."""
+    keys = [reference_key(job.id)] if job.request.get("has_reference") else []
+    return keys + [k for k in (job.conditioning_key, job.result_key) if k]
 
 
 class ResultStore:
@@ -40,7 +67,7 @@ class ResultStore:
         if self._fs is not None:
             self._fs.pipe_file(path, data)
             return
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

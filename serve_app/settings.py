@@ -3,87 +3,128 @@
 Precedence: environment variable `STANDIN_<NAME>` (upper case) > the application's `args` in
 serve_config.yaml > the defaults below. API keys come only from the environment
 (`STANDIN_API_KEYS`, comma-separated) so that secrets never sit in a config file.
+
+Validated with pydantic: types, ranges and the cross-field rules below fail at start-up with a
+`SettingsError` that names the key (`standin serve` checks the whole config before it deploys):
+- `job_store: redis` needs `redis_url`;
+- more than one Ingress or JobRunner replica (the config's `deployments`) needs a shared store
+  (`job_store: redis`): each replica would otherwise see its own SQLite file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "standin-serve"
 
+# Deployments that read and write jobs: more than one replica of either needs a shared store.
+JOB_DEPLOYMENTS = ("Ingress", "JobRunner")
 
-@dataclass(frozen=True)
-class ServeSettings:
+
+class SettingsError(ValueError):
+    """A setting is missing, mistyped or out of range; the message names the key."""
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
     # the model
     preset: str = "tiny"
     model_name: str = ""  # the `model` id clients see; default: the preset name
     checkpoint_dir: str | None = None
     standin_checkpoint: str | None = None
     device: str | None = None  # None: cuda when present, else cpu
-    dtype: str | None = None  # float32 | bfloat16 | float16; None: bf16 on GPU, fp32 on CPU
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bf16 on GPU, fp32 on CPU
     # the DiT replica: ranks = sp_degree × cfg_degree (one placement group bundle each)
-    sp_degree: int = 1
-    cfg_degree: int = 1
-    dist_backend: str = ""  # "": nccl on GPU, gloo on CPU
-    collective_timeout_s: float = 120.0
-    worker_num_cpus: float = 0.4
-    worker_num_gpus: float = 0.0
+    sp_degree: int = Field(1, ge=1, le=64)
+    cfg_degree: Literal[1, 2] = 1
+    dist_backend: Literal["", "nccl", "gloo"] = ""  # "": nccl on GPU, gloo on CPU
+    collective_timeout_s: float = Field(120.0, gt=0)
+    worker_num_cpus: float = Field(0.4, ge=0)
+    worker_num_gpus: float = Field(0.0, ge=0)
     # face preprocessing
-    face_backend: str = "offline"
+    face_backend: Literal["offline", "insightface"] = "offline"
     face_model_dir: str | None = None
     parser_weights: str | None = None
-    max_upload_bytes: int = 20 * 1024 * 1024
-    prompt_cache_size: int = 64
-    identity_cache_size: int = 64
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    prompt_cache_size: int = Field(64, ge=0)
+    identity_cache_size: int = Field(64, ge=0)
     # request limits (beyond GenerationParams.validate's own)
-    max_width: int = 1280
-    max_height: int = 1280
-    max_frames: int = 129
-    max_steps: int = 100
-    max_prompt_chars: int = 4000
+    max_width: int = Field(1280, ge=16)
+    max_height: int = Field(1280, ge=16)
+    max_frames: int = Field(129, ge=1)
+    max_steps: int = Field(100, ge=1)
+    max_prompt_chars: int = Field(4000, ge=1)
     # jobs and results
     state_dir: str = str(DEFAULT_STATE_DIR)
-    job_store: str = "sqlite"  # sqlite: one node (db_path) | redis: ingress replicas on many nodes
+    job_store: Literal["sqlite", "redis"] = "sqlite"  # sqlite: one node | redis: shared by nodes
     db_path: str = ""  # "": <state_dir>/jobs.sqlite
     # redis://[:password@]host:6379/0; with a password, set it from a secret via STANDIN_REDIS_URL
-    redis_url: str = field(default="", repr=False)
-    redis_key_prefix: str = "standin:"  # apps sharing one Redis need distinct prefixes
+    redis_url: str = Field("", repr=False)
+    redis_key_prefix: str = Field("standin:", min_length=1)  # apps sharing one Redis: distinct prefixes
     results_url: str = ""  # "": <state_dir>/results; or any fsspec URL (s3://bucket/prefix)
-    result_ttl_s: float = 24 * 3600.0
-    max_active_jobs: int = 64  # queued + in progress; beyond → 429
-    retry_after_s: int = 10
-    max_attempts: int = 3
-    retry_backoff_s: float = 1.0
-    lease_s: float = 30.0
-    job_timeout_s: float = 3600.0
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    result_ttl_s: float = Field(24 * 3600.0, gt=0)
+    max_active_jobs: int = Field(64, ge=1)  # queued + in progress; beyond → 429
+    runner_max_jobs: int = Field(64, ge=1)  # jobs one JobRunner replica drives at once
+    retry_after_s: int = Field(10, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_s: float = Field(1.0, ge=0)
+    lease_s: float = Field(30.0, gt=0)
+    job_timeout_s: float = Field(3600.0, gt=0)
+    sse_keepalive_s: float = Field(15.0, gt=0)  # SSE comment lines while nothing changes
+    api_keys: tuple[str, ...] = Field((), repr=False)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self, info: ValidationInfo) -> ServeSettings:
+        if self.job_store == "redis" and not self.redis_url:
+            raise ValueError(
+                "redis_url: job_store is redis but redis_url is empty "
+                "(set it, or STANDIN_REDIS_URL, e.g. redis://host:6379/0)"
+            )
+        replicas = (info.context or {}).get("replicas", {})
+        for name in JOB_DEPLOYMENTS:
+            if replicas.get(name, 1) > 1 and self.job_store != "redis":
+                raise ValueError(
+                    f"job_store: {replicas[name]} {name} replicas need a shared job store "
+                    f"(job_store: redis), not {self.job_store!r}"
+                )
+        return self
 
     @classmethod
     def from_args(
-        cls, args: dict[str, Any] | None = None, env: dict[str, str] | None = None
+        cls,
+        args: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        replicas: dict[str, int] | None = None,
     ) -> ServeSettings:
-        """Build from config args, then environment overrides; unknown args are an error."""
+        """Build from config args, then environment overrides. `replicas` ({deployment: the most
+        replicas it may run}) enables the shared-store rule. Raises SettingsError naming the key."""
         args = dict(args or {})
         env = os.environ if env is None else env
-        known = {f.name: f for f in fields(cls)}
+        known = cls.model_fields
         unknown = sorted(set(args) - set(known))
         if unknown:
-            raise ValueError(f"unknown serve_app args {unknown}; known: {sorted(known)}")
-        values: dict[str, Any] = {}
-        for name, f in known.items():
+            raise SettingsError(f"unknown serve_app args {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {k: v for k, v in args.items() if k != "api_keys"}
+        for name in known:
             raw = env.get(f"STANDIN_{name.upper()}")
             if raw is not None:
-                values[name] = _parse(f, raw)
-            elif name in args and name != "api_keys":
-                values[name] = args[name]
-        settings = cls(**values)
+                values[name] = _from_env(name, raw)
+        try:
+            settings = cls.model_validate(values, context={"replicas": replicas or {}})
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
         if not settings.model_name:
-            settings = dataclasses.replace(settings, model_name=settings.preset)
+            settings = settings.model_copy(update={"model_name": settings.preset})
         return settings
+
+    def replace(self, **changes: Any) -> ServeSettings:
+        """A validated copy with `changes`."""
+        return ServeSettings.model_validate({**self.model_dump(), **changes})
 
     @property
     def world_size(self) -> int:
@@ -98,14 +139,30 @@ class ServeSettings:
         return self.results_url or str(Path(self.state_dir) / "results")
 
 
-def _parse(f: dataclasses.Field, raw: str) -> Any:
-    kind = str(f.type)
-    if f.name == "api_keys":
+def _from_env(name: str, raw: str) -> Any:
+    if name == "api_keys":
         return tuple(k.strip() for k in raw.split(",") if k.strip())
-    if kind.startswith("int"):
-        return int(raw)
-    if kind.startswith("float"):
-        return float(raw)
-    if raw == "" and "None" in kind:
+    annotation = str(ServeSettings.model_fields[name].annotation)
+    if raw == "" and "None" in annotation:
         return None
-    return raw
+    return raw  # pydantic converts (and checks) "4" → 4, "2.5" → 2.5
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per problem, each starting with the key: `sp_degree: Input should be …`."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(message if not key else f"{key}: {message} (got {err.get('input')!r})")
+    return "invalid serve_app settings: " + "; ".join(lines)
+
+
+def replicas_of(deployments: list[dict[str, Any]]) -> dict[str, int]:
+    """{deployment name: the most replicas it may run} from a Serve config's `deployments`."""
+    out = {}
+    for d in deployments or []:
+        auto = d.get("autoscaling_config") or {}
+        n = auto.get("max_replicas") if auto else d.get("num_replicas", 1)
+        out[d.get("name", "")] = int(n) if isinstance(n, int | float) else 1
+    return out

@@ -1,6 +1,8 @@
 """The Serve application end to end, on a real local Ray cluster (tests/conftest.py: one per session).
 
-The main app is the CPU profile at test sizes: tiny preset, one DiT replica of 2 ranks over gloo.
+The main app is the CPU profile at test sizes: tiny preset, one DiT replica of 2 ranks over gloo,
+one JobRunner that drives one job at a time. The second app ("keyed", under /keyed) needs API
+keys, has two single-rank DiT replicas (real concurrency) and small limits (cheap fuzzing).
 """
 
 from __future__ import annotations
@@ -47,13 +49,25 @@ def _env(**values: str):
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve: str, tmp_path_factory) -> str:
-    """Deploys the main app (SP=2) and a small API-key app; → base URL."""
+def state(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve-state")
+
+
+@pytest.fixture(scope="module")
+def store(state: Path):
+    """The main app's job store, opened beside it (to read attempts and leases)."""
+    from serve_app.jobs import SQLiteJobStore
+
+    return SQLiteJobStore(state / "main" / "jobs.sqlite")
+
+
+@pytest.fixture(scope="module")
+def server(ray_serve: str, state: Path) -> str:
+    """Deploys the main app (SP=2) and the API-key app (2 DiT replicas); → base URL."""
     from ray import serve
 
     from serve_app.app import build_app
 
-    state = tmp_path_factory.mktemp("serve-state")
     serve.run(
         build_app(
             {
@@ -66,13 +80,26 @@ def server(ray_serve: str, tmp_path_factory) -> str:
                 "collective_timeout_s": 20,
                 "retry_backoff_s": 0.5,
                 "max_attempts": 3,
+                "runner_max_jobs": 1,
+                "sse_keepalive_s": 0.5,
             }
         ),
         name="standin",
         route_prefix="/",
     )
     with _env(STANDIN_API_KEYS="key-alice,key-bob"):
-        keyed = build_app({"sp_degree": 1, "state_dir": str(state / "keyed"), "worker_num_cpus": 0.2})
+        keyed = build_app(
+            {
+                "sp_degree": 1,
+                "state_dir": str(state / "keyed"),
+                "max_width": 64,
+                "max_height": 64,
+                "max_frames": 9,
+                "max_steps": 3,
+                "max_active_jobs": 4,
+            },
+            deployments=[{"name": "DiTReplica", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}}],
+        )
     serve.run(keyed, name="keyed", route_prefix="/keyed")
     return ray_serve
 
@@ -257,16 +284,17 @@ def test_concurrent_requests_with_different_faces_match_running_alone(client: ht
             "input_reference",
         ),
         ({"prompt": "x", "input_reference": 5}, 400, "input_reference"),
-        (
+        (  # not an image at all: a bad field (400), not a bad Content-Type (415)
             {
                 "prompt": "x",
                 "input_reference": {
                     "image_url": "data:image/png;base64," + base64.b64encode(b"hello").decode()
                 },
             },
-            415,
+            400,
             "input_reference",
         ),
+        ({"prompt": "x", "negative_prompt": "nul\x00"}, 400, "negative_prompt"),
     ],
 )
 def test_bad_json_requests_get_openai_errors(client: httpx.Client, body: dict, status: int, param: str):
@@ -284,6 +312,34 @@ def test_malformed_bodies_get_4xx_never_500(client: httpx.Client):
     )
     # A form field that should be a file.
     _error(client.post("/v1/videos", data={"prompt": "x", "input_reference": "face.jpg"}), 400)
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "size", "subject", "model"])
+def test_a_lone_surrogate_in_any_string_field_gets_400_never_500_or_a_job(client: httpx.Client, field: str):
+    """Valid JSON, invalid Unicode. Before: prompt → 500; negative_prompt → 202, three retries,
+    then `failed` with a Ray traceback as its message."""
+    before = len(client.get("/v1/videos", params={"limit": 100}).json()["data"])
+    body = {"prompt": "x", **SMALL, field: "PLACEHOLDER"}
+    raw = json.dumps(body).replace('"PLACEHOLDER"', '"a \\ud800 b"').encode()
+    r = client.post("/v1/videos", content=raw, headers={"content-type": "application/json"})
+    err = _error(r, 400)
+    assert (err["param"], err["code"]) == (field, "invalid_string")
+    # A NUL in a form field (a client cannot encode a lone surrogate there).
+    form = {"prompt": "x", field: "bad \x00 nul"}
+    err = _error(client.post("/v1/videos", data=form), 400)
+    assert (err["param"], err["code"]) == (field, "invalid_string")
+    assert len(client.get("/v1/videos", params={"limit": 100}).json()["data"]) == before
+
+
+def test_an_undecodable_image_is_a_400_bad_field_and_415_is_only_for_the_content_type(client: httpx.Client):
+    files = {"input_reference": ("f.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")}
+    err = _error(client.post("/v1/videos", data={"prompt": "x"}, files=files), 400)
+    assert (err["param"], err["code"]) == ("input_reference", "invalid_image")
+    garbage = {"input_reference": ("f.bin", b"GIF89a...", "application/octet-stream")}
+    err = _error(client.post("/v1/videos", data={"prompt": "x"}, files=garbage), 400)
+    assert err["code"] == "invalid_image"
+    err = _error(client.post("/v1/videos", content=b"x", headers={"content-type": "image/png"}), 415)
+    assert err["code"] == "unsupported_media_type"
 
 
 def test_truncated_jpeg_gets_400_and_oversized_upload_gets_413(client: httpx.Client):
@@ -334,7 +390,8 @@ def test_api_keys_gate_and_isolate_jobs(server: str):
 
 
 def test_delete_cancels_a_running_job_and_frees_the_dit(client: httpx.Client):
-    before = _dit_stats()["cancelled"]
+    stats = _dit_stats()
+    before = stats["cancelled"] + stats["abandoned"]
     video = _submit(client, **LONG)
     _wait_progress(client, video["id"], above=10)
     r = client.delete(f"/v1/videos/{video['id']}")
@@ -348,7 +405,8 @@ def test_delete_cancels_a_running_job_and_frees_the_dit(client: httpx.Client):
     started = time.monotonic()
     assert _wait(client, _submit(client)["id"], timeout=30)["status"] == "completed"
     assert time.monotonic() - started < 15
-    assert _dit_stats()["cancelled"] == before + 1
+    after = _dit_stats()
+    assert after["cancelled"] + after["abandoned"] == before + 1
 
 
 def test_queue_full_gets_429_with_retry_after(client: httpx.Client):
@@ -388,6 +446,7 @@ def test_job_metrics_reach_rays_prometheus_endpoint(client: httpx.Client):
         ("ray_standin_jobs_finished_total", (("status", "completed"),)): 1,
         ("ray_standin_jobs_finished_total", (("status", "cancelled"),)): 1,
         ("ray_standin_denoise_step_seconds_count", ()): 2,
+        ("ray_standin_job_queue_wait_seconds_count", ()): 2,  # both reached the DiT
         ("ray_standin_job_run_seconds_count", ()): 1,
     }
     deadline, missing = time.monotonic() + 90, wanted
@@ -418,22 +477,182 @@ def test_killed_dit_worker_mid_job_is_retried_and_the_replica_is_replaced(client
     assert _wait(client, _submit(client)["id"])["status"] == "completed"
 
 
-def test_killed_ingress_mid_job_is_recovered_from_the_job_store(client: httpx.Client):
+def _kill_replica(app_deployment: str) -> str:
+    """Kill the one replica actor of e.g. "standin#Ingress" → its replica id."""
     import ray
 
-    video = _submit(client, **LONG)
-    _wait_progress(client, video["id"], above=5)
-    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True) if "standin#Ingress" in a["name"]]
-    assert len(ingress) == 1, ingress
-    ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
+    found = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{app_deployment}#" in a["name"]]
+    assert len(found) == 1, found
+    ray.kill(ray.get_actor(found[0]["name"], namespace=found[0]["namespace"]), no_restart=True)
+    return found[0]["name"].rsplit("#", 1)[-1]
 
-    deadline = time.monotonic() + 180
+
+def _wait_through_restarts(client: httpx.Client, video_id: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            r = client.get(f"/v1/videos/{video['id']}")
+            r = client.get(f"/v1/videos/{video_id}")
             if r.status_code == 200 and r.json()["status"] in ("completed", "failed"):
-                break
+                return r.json()
         time.sleep(0.5)
-    done = r.json()
+    raise AssertionError(f"{video_id} did not finish")
+
+
+def test_killing_the_ingress_mid_job_does_not_restart_the_generation(client: httpx.Client, store):
+    """The Ingress only serves HTTP: losing it (or rolling it) leaves the running job alone."""
+    video = _submit(client, **LONG)
+    _wait_progress(client, video["id"], above=5)
+    runner = store.get(video["id"]).lease_owner
+    _kill_replica("standin#Ingress")
+
+    done = _wait_through_restarts(client, video["id"])
     assert done["status"] == "completed", done
+    job = store.get(video["id"])
+    assert job.attempts == 1 and job.result_key == f"{video['id']}.a1.mp4"  # one run, never restarted
+    assert runner is not None
     assert read_mp4_info(client.get(f"/v1/videos/{video['id']}/content").content).num_frames == 17
+
+
+def test_a_killed_runner_job_is_claimed_again_and_the_dit_drops_the_stale_run(client: httpx.Client, store):
+    """Two runs of one job, for real: the runner dies mid-generation; after its lease expires the
+    replacement claims the job as attempt 2. The DiT stops the first run's steps (its lease moved
+    on) and the job completes once, published under attempt 2's key."""
+    stats = _dit_stats()
+    stopped_before = stats["abandoned"] + stats["cancelled"]
+    # Long enough (~25 s here) that the replacement runner claims it while the DiT still works.
+    video = _submit(client, **{**LONG, "size": "256x256"})
+    _wait_progress(client, video["id"], above=2)
+    first = store.get(video["id"]).lease
+    _kill_replica("standin#JobRunner")
+
+    done = _wait_through_restarts(client, video["id"])
+    assert done["status"] == "completed", done
+    job = store.get(video["id"])
+    assert job.attempts == 2 and job.lease_owner is None and first.attempt == 1
+    assert job.result_key == f"{video['id']}.a2.mp4"
+    stats = _dit_stats()
+    assert stats["abandoned"] + stats["cancelled"] >= stopped_before + 1
+
+
+def test_status_is_queued_with_a_position_until_the_dit_starts_the_job(client: httpx.Client):
+    """Before: every submitted job said in_progress with started_at set while it waited."""
+    running = _submit(client, **LONG)
+    _wait_progress(client, running["id"], above=2)
+    waiting = [_submit(client, face=None, seed=i) for i in range(2)]
+    try:
+        assert [w["status"] for w in waiting] == ["queued", "queued"]
+        assert [w["queue_position"] for w in waiting] == [1, 2]
+        for w in waiting:
+            now = client.get(f"/v1/videos/{w['id']}").json()
+            assert (now["status"], now["started_at"], now["progress"]) == ("queued", None, 0)
+        busy = client.get(f"/v1/videos/{running['id']}").json()
+        assert busy["status"] == "in_progress" and busy["started_at"] >= busy["created_at"]
+        assert busy["queue_position"] is None
+    finally:
+        client.delete(f"/v1/videos/{running['id']}")
+    for w in waiting:
+        done = _wait(client, w["id"])
+        assert done["status"] == "completed" and done["started_at"] is not None
+
+
+def test_an_error_after_the_202_is_a_permanent_failure_with_a_clean_message(
+    client: httpx.Client, store, state
+):
+    """The job's reference image vanishes from the results store before a runner gets to it:
+    the job fails once with `input_lost` — no retry, no traceback, path, host or pid."""
+    blocker = _submit(client, **LONG)
+    _wait_progress(client, blocker["id"], above=2)
+    video = _submit(client)  # the only runner slot is busy: this one waits, unclaimed
+    (state / "main" / "results" / f"{video['id']}.reference").unlink()
+    client.delete(f"/v1/videos/{blocker['id']}")
+
+    done = _wait(client, video["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "input_lost", done
+    message = done["error"]["message"]
+    for leak in ("Traceback", "/", "pid", "ip=", "actor", "127.0.0.1", ".py"):
+        assert leak not in message, message
+    assert store.get(video["id"]).attempts == 1
+
+
+def test_sse_events_carry_ids_and_keep_alive_comments_while_nothing_changes(client: httpx.Client):
+    blocker = _submit(client, **LONG)
+    _wait_progress(client, blocker["id"], above=2)
+    waiting = _submit(client, face=None)
+    try:
+        lines = []
+        with client.stream("GET", f"/v1/videos/{waiting['id']}/events") as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith(": keep-alive"):
+                    break
+        assert lines[0].startswith("id: ") and lines[1] == "event: progress"
+        first = json.loads(lines[2][len("data: ") :])
+        assert first["status"] == "queued" and first["queue_position"] == 1
+        # Reconnecting with the last id seen: no repeat of an unchanged state, only keep-alives.
+        with client.stream(
+            "GET", f"/v1/videos/{waiting['id']}/events", headers={"Last-Event-ID": lines[0][4:]}
+        ) as r:
+            assert next(r.iter_lines()).startswith(": keep-alive")
+    finally:
+        client.delete(f"/v1/videos/{blocker['id']}")
+        client.delete(f"/v1/videos/{waiting['id']}")
+
+
+# -- the second app: two DiT replicas, API keys, small limits -------------------------------------
+
+KEYED_SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 3}
+
+
+def test_two_dit_replicas_at_once_give_each_face_its_sequential_video(server: str):
+    """Identity isolation under real concurrency: two jobs with different faces on two DiT
+    replicas at the same time give exactly the videos each gives alone."""
+    auth = {"Authorization": "Bearer key-alice"}
+    faces = ("astronaut.jpg", "coffee.jpg")
+    with httpx.Client(base_url=f"{server}/keyed", timeout=60, headers=auth) as c:
+
+        def submit(face: str) -> str:
+            files = {"input_reference": (face, (FACES / face).read_bytes(), "image/jpeg")}
+            data = {"prompt": "a person talks", "seed": "3", **{k: str(v) for k, v in KEYED_SMALL.items()}}
+            r = c.post("/v1/videos", data=data, files=files)
+            assert r.status_code == 202, r.text
+            return r.json()["id"]
+
+        alone = {face: _wait(c, submit(face))["frames_sha256"] for face in faces}
+        assert len(set(alone.values())) == 2
+        for _ in range(2):
+            together = {face: submit(face) for face in faces}
+            for face, video_id in together.items():
+                done = _wait(c, video_id)
+                assert done["status"] == "completed" and done["frames_sha256"] == alone[face], face
+
+
+def test_schemathesis_finds_no_server_error(server: str):
+    """Fuzz every operation of the live app's own OpenAPI document (both request bodies)."""
+    import hypothesis
+    import schemathesis
+    from hypothesis import HealthCheck
+
+    auth = {"Authorization": "Bearer key-alice"}
+    schema = schemathesis.openapi.from_url(f"{server}/keyed/openapi.json")
+    failures = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @hypothesis.settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+        @hypothesis.given(case=operation.as_strategy())
+        def fuzz(case) -> None:
+            response = case.call(base_url=f"{server}/keyed", headers=auth, timeout=30)
+            if response.status_code >= 500:
+                failures.append((case.method, case.formatted_path, response.status_code, response.text[:300]))
+
+        fuzz()
+    assert not failures, failures[:5]
+    with httpx.Client(base_url=f"{server}/keyed", timeout=60, headers=auth) as c:
+        for video in c.get("/v1/videos", params={"limit": 100}).json()["data"]:
+            c.delete(f"/v1/videos/{video['id']}")
