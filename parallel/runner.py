@@ -31,6 +31,7 @@ from parallel.errors import CollectiveError, PeerFailedError, RequestFailedError
 from parallel.sharded_dit import ShardedDiT
 from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, InvalidRequestError
+from standin.guidance import combine_guidance, guided_velocity
 from standin.scheduler import DEFAULT_SHIFT, FlowMatchSchedule
 
 __all__ = ["DenoiseRequest", "SPRunner"]
@@ -207,14 +208,9 @@ class SPRunner:
             ctx = context if self.mesh.cfg_index == 0 or negative is None else negative
             mine = self.dit(latents, t, ctx, identity)
             pos, neg = self.comm.all_gather(mine, self.mesh.cfg_group, 2).unbind(0)
-        else:
-            pos = self.dit(latents, t, context, identity)
-            if guidance == 1.0:
-                return pos
-            neg = self.dit(latents, t, negative, identity)
-        if guidance == 1.0:
-            return pos
-        return neg + guidance * (pos - neg)
+            return pos if guidance == 1.0 else combine_guidance(pos, neg, guidance)
+        call = functools.partial(self.dit, identity=identity)
+        return guided_velocity(call, latents, t, context, negative, guidance)
 
     # -- agreement --------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ one pipeline cannot see each other's faces.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch
 from standin.checkpoints import load_wan_dit, shard_files
 from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, CheckpointError, InvalidRequestError
+from standin.guidance import guided_velocity
 from standin.presets import (
     DIT_SHARDS,
     STANDIN_FILE,
@@ -284,28 +286,14 @@ class StandInPipeline:
         for i in range(len(schedule)):
             if should_cancel is not None and should_cancel():
                 raise CancelledError(f"cancelled before step {i + 1} of {len(schedule)}")
-            t = schedule.timestep(i).to(self.device)
-            identity = cache if reuse_identity_cache else make_cache()
-            velocity = self._guided_velocity(latents, t, inputs, identity)
+            t = schedule.timestep(i).to(self.device).expand(latents.shape[0])
+            call = functools.partial(self.dit, identity=cache if reuse_identity_cache else make_cache())
+            ctx, neg = inputs.context, inputs.negative_context
+            velocity = guided_velocity(call, latents, t, ctx, neg, inputs.guidance_scale, inputs.cfg_mode)
             latents = schedule.step(velocity, i, latents)
             if progress is not None:
                 progress(i + 1, len(schedule))
         return latents
-
-    def _guided_velocity(
-        self, latents: torch.Tensor, t: torch.Tensor, inputs: DenoiseInputs, identity: IdentityCache | None
-    ) -> torch.Tensor:
-        b = latents.shape[0]
-        ctx, neg = inputs.context, inputs.negative_context
-        if neg is None or inputs.guidance_scale == 1.0:
-            return self.dit(latents, t.expand(b), ctx, identity)
-        if inputs.cfg_mode == "batched":
-            both = self.dit(torch.cat([latents, latents]), t.expand(2 * b), torch.cat([ctx, neg]), identity)
-            pos, negv = both[:b], both[b:]
-        else:
-            pos = self.dit(latents, t.expand(b), ctx, identity)
-            negv = self.dit(latents, t.expand(b), neg, identity)
-        return negv + inputs.guidance_scale * (pos - negv)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
