@@ -20,6 +20,7 @@ collectives. A failed read on `src` raises on every rank (with src's message).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -63,16 +64,21 @@ def _manifest(module: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def broadcast_module(module: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> int:
-    """Overwrite every parameter and buffer of `module` with rank src's, in place. Returns the
-    bytes broadcast. The modules must have the same tensors (names, shapes, dtypes) everywhere."""
+    """Overwrite every parameter and buffer of `module` with those of rank `src` of `group`, in
+    place. Returns the bytes broadcast. The modules must have the same tensors (names, shapes,
+    dtypes) everywhere."""
     total = 0
     with torch.no_grad():
         for _, tensor in _tensors(module):
             if not tensor.is_contiguous():
                 raise ValueError("broadcast_module needs contiguous parameters and buffers")
-            dist.broadcast(tensor, src=src, group=group)
+            dist.broadcast(tensor, group=group, group_src=src)
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+# How long the other ranks wait for src to read the checkpoint (57 GB of fp32 shards for 14B).
+DEFAULT_LOAD_TIMEOUT = datetime.timedelta(hours=1)
 
 
 def load_once_per_node(
@@ -81,15 +87,21 @@ def load_once_per_node(
     device: torch.device | str,
     src: int = 0,
     group: dist.ProcessGroup | None = None,
+    load_timeout: datetime.timedelta = DEFAULT_LOAD_TIMEOUT,
 ) -> tuple[nn.Module, WeightLoadStats]:
     """Rank src runs `load()` (the only rank that reads files); every other rank builds
-    `build_empty()` on the meta device, allocates it on `device` and receives the weights.
+    `build_empty()` on the meta device, allocates it on `device` in src's dtypes (so a float32
+    builder receives a bfloat16 checkpoint as bfloat16) and receives the weights over `group`.
 
-    Raises CheckpointError on every rank when src's load fails or a rank's module does not
-    match src's (names, shapes, dtypes).
+    The other ranks wait for src's read on a gloo group with `load_timeout` (the data group's
+    collective timeout is sized for a denoising step, not a checkpoint read). Raises
+    CheckpointError on every rank when src's load fails or a rank's module does not match src's
+    (names, shapes).
     """
     rank = dist.get_rank(group)
     device = torch.device(device)
+    members = dist.get_process_group_ranks(group) if group is not None else None
+    waiting = dist.new_group(members, timeout=load_timeout, backend="gloo")
     read_s = 0.0
     model: nn.Module | None = None
     error: str | None = None
@@ -103,17 +115,20 @@ def load_once_per_node(
         box: list[object] = [error if error is not None else _manifest(model)]
     else:
         box = [None]
-    dist.broadcast_object_list(box, src=src, group=group)
+    global_src = src if group is None else dist.get_global_rank(group, src)
+    dist.broadcast_object_list(box, src=global_src, group=waiting)
     if isinstance(box[0], str):
         raise CheckpointError(f"rank {src} could not load the weights: {box[0]}")
     expected = box[0]
     if rank != src:
         with torch.device("meta"):
             model = build_empty()
+        _take_dtypes(model, expected)
         model = model.to_empty(device=device)
     mismatch = None if _manifest(model) == expected else _first_difference(_manifest(model), expected)
     mismatches: list[object] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(mismatches, mismatch, group=group)
+    dist.all_gather_object(mismatches, mismatch, group=waiting)
+    dist.destroy_process_group(waiting)
     bad = {r: m for r, m in enumerate(mismatches) if m is not None}
     if bad:
         detail = "; ".join(f"rank {r}: {m}" for r, m in bad.items())
@@ -125,6 +140,21 @@ def load_once_per_node(
     stats = WeightLoadStats(rank, read_s, time.perf_counter() - start, nbytes, len(expected))
     log.info("weights: %s", stats)
     return model.eval().requires_grad_(False), stats
+
+
+def _take_dtypes(module: nn.Module, expected: list[tuple[str, tuple[int, ...], str]]) -> None:
+    """Give the meta module's tensors src's dtypes (shapes are checked afterwards)."""
+    dtypes = {name: getattr(torch, dtype.removeprefix("torch.")) for name, _, dtype in expected}
+    for prefix, owner in module.named_modules():
+        for table in (owner._parameters, owner._buffers):
+            for leaf, tensor in table.items():
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                if tensor is None or name not in dtypes or tensor.dtype == dtypes[name]:
+                    continue
+                converted = tensor.to(dtypes[name])
+                if table is owner._parameters:
+                    converted = nn.Parameter(converted, requires_grad=False)
+                table[leaf] = converted
 
 
 def _first_difference(

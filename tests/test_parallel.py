@@ -43,7 +43,7 @@ from parallel.weights import load_once_per_node
 from standin.checkpoints import load_wan_dit, save_safetensors_shards
 from standin.config import DiTConfig
 from standin.dit import WanDiT
-from standin.errors import CancelledError, InvalidRequestError
+from standin.errors import CancelledError, CheckpointError, InvalidRequestError
 from standin.presets import dit_preset
 from standin.scheduler import FlowMatchSchedule
 
@@ -512,8 +512,9 @@ def _world4(rank: int, rec: SendRecorder) -> dict:
 
 
 def _weights_scenario(model: WanDiT, tmp: Path, out: dict) -> None:
-    """Rank 0 reads a checkpoint (official layout: DiT shards + LoRA pickle) and broadcasts it;
-    the others never open a file."""
+    """Rank 0 reads a checkpoint (official layout: DiT shards + LoRA pickle) in bfloat16 and
+    broadcasts it; the others never open a file and build the module in float32 (they receive
+    rank 0's dtypes). Then a load that fails on rank 0 must fail on every rank."""
     ckpt = tmp / "ckpt"
     reads = {"n": 0}
 
@@ -525,17 +526,27 @@ def _weights_scenario(model: WanDiT, tmp: Path, out: dict) -> None:
             {k: v for k, v in state.items() if k not in lora}, ckpt, 2, "diffusion_pytorch_model"
         )
         torch.save(lora, ckpt / "lora.ckpt")
-        return load_wan_dit(ckpt, model.config, lora_path=ckpt / "lora.ckpt", dtype=torch.float32)
+        return load_wan_dit(ckpt, model.config, lora_path=ckpt / "lora.ckpt", dtype=torch.bfloat16)
 
     loaded, stats = load_once_per_node(load, lambda: WanDiT(model.config), device="cpu")
-    expected = model.state_dict()
+    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     got = loaded.state_dict()
-    out["weights"] = {
+    res = {
         "reads": reads["n"],
         "equal": sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected),
         "bytes": stats.bytes,
         "read_s": stats.read_s,
     }
+
+    def broken_load() -> WanDiT:
+        raise FileNotFoundError("diffusion_pytorch_model-00001-of-00006.safetensors")
+
+    try:
+        load_once_per_node(broken_load, lambda: WanDiT(model.config), device="cpu")
+        res["failed_load"] = "no error"
+    except CheckpointError as exc:
+        res["failed_load"] = str(exc)
+    out["weights"] = res
 
 
 def _kill_scenario(model: WanDiT, out: dict) -> None:
@@ -814,6 +825,9 @@ def test_weights_are_read_by_one_rank_and_broadcast(world3):
     assert [r["weights"]["reads"] for r in world3] == [1, 0, 0]
     assert all(r["weights"]["equal"] for r in world3)
     assert world3[1]["weights"]["bytes"] == world3[0]["weights"]["bytes"] > 0
+    for res in world3:
+        assert "rank 0 could not load" in res["weights"]["failed_load"]
+        assert "00001-of-00006" in res["weights"]["failed_load"]
 
 
 @distributed
