@@ -1,8 +1,10 @@
 """Specification of sequence parallelism (parallel/) on CPU with gloo.
 
-Each world (2 and 4 ranks) is spawned once per module, in its own processes, with a hard
+Each world (2, 3 and 4 ranks) is spawned once per module, in its own processes, with a hard
 deadline; its ranks run every scenario in lockstep and write their measurements to JSON. The
-tests below read those measurements, so each names one property and can fail on its own.
+tests below read those measurements, so each names one property and can fail on its own. The
+world of 3 runs a ring of 3 (the case separate sends and receives deadlock on NCCL), weights
+read by one rank, and ends by killing rank 2 mid-step.
 
 Reference: the single-process `WanDiT` (fp32) with the same weights, built in every rank.
 Video: 3×3×5 = 45 tokens (divides by neither 2 nor 4); identity: 3×3 = 9 tokens.
