@@ -2,10 +2,10 @@
 a GCS and one raylet per node as real processes), with the Redis job store.
 
 Layout, a miniature of the GPU profile: a head node with no GPUs runs the controller, the HTTP
-proxy, two Ingress replicas, the Preprocessor and the Decoder; two worker nodes (custom resources
-`node_a`, `node_b`) declare 2 logical GPUs each, so one SP=2 DiT replica ({CPU, GPU: 1} × 2,
-STRICT_PACK) fills a node — as one SP=8 replica fills an 8-GPU node in production. Nothing runs
-on a GPU (there is none); Ray only accounts for them.
+proxy, two Ingress and two JobRunner replicas, the Preprocessor and the Decoder; two worker
+nodes (custom resources `node_a`, `node_b`) declare 2 logical GPUs each, so one SP=2 DiT replica
+({CPU, GPU: 1} × 2, STRICT_PACK) fills a node — as one SP=8 replica fills an 8-GPU node in
+production. Nothing runs on a GPU (there is none); Ray only accounts for them.
 
 The cluster cannot share a process with the session's `ray_serve` cluster, so one scenario runs in
 a subprocess (`python -m tests.test_cluster <redis_url> <out.json>`) under a hard timeout and
@@ -61,7 +61,7 @@ def _deploy_config(redis_url: str, state_dir: str, port: int) -> dict[str, Any]:
     )
     on_head = {"num_cpus": 0.1, "resources": {"head": 0.01}}
     for d in app["deployments"]:
-        if d["name"] == "Ingress":
+        if d["name"] in ("Ingress", "JobRunner"):
             d.update(num_replicas=2, ray_actor_options=on_head)
         elif d["name"] in ("Preprocessor", "Decoder"):
             d.update(ray_actor_options=on_head)
@@ -182,11 +182,11 @@ class Scenario:
         import ray
         from ray import serve
         from ray.cluster_utils import Cluster
-        from ray.serve._private import api as serve_api
         from ray.serve.schema import ServeDeploySchema
 
+        from serve_app.launcher import deploy_config
+        from serve_app.ports import free_port
         from serve_app.redis_jobs import RedisJobStore
-        from tests.test_jobstore import _free_port
 
         # Cluster() records its address in /tmp/ray/ray_current_cluster, where a plain ray.init()
         # on this machine would look: put back what was there so we never capture other sessions.
@@ -207,19 +207,15 @@ class Scenario:
         else:
             address_file.write_text(previous)
         nodes = {name: cluster.add_node(num_cpus=2, num_gpus=2, resources={name: 1}) for name in WORKER_NODES}
-        port = _free_port()
+        port = free_port("127.0.0.1")
         try:
             ray.init(address=cluster.address, namespace="serve", logging_level=logging.WARNING)
             self.record(nodes=sorted(self.node_names().values()), cluster_start_s=time.monotonic() - started)
             config = ServeDeploySchema.model_validate(
                 _deploy_config(self.redis_url, str(self.out.parent / "state"), port)
             )
-            client = serve_api.serve_start(
-                http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
-            )
-            client.deploy_apps(config, _blocking=False)
+            deploy_config(config, 240)  # what `standin serve` does: the public Serve API
             self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-            self.wait_for("app RUNNING", self.app_running, 240, 1.0)
             self.record(deployed_s=time.monotonic() - started)
             store = RedisJobStore(self.redis_url)
 
@@ -257,19 +253,19 @@ class Scenario:
                 groups_after_node_loss=self.dit_groups(),
             )
 
-            # (d) the ingress replica running a job dies: another claims it from Redis.
+            # (d) the JobRunner replica running a job dies: the other one claims it from Redis.
             video = self.submit(**MEDIUM)
             self.wait_progress(video, 10)
             runner = store.get(video).lease_owner
             actor = next(
                 a
                 for a in ray.util.list_named_actors(all_namespaces=True)
-                if "#Ingress#" in a["name"] and a["name"].endswith(runner)
+                if "#JobRunner#" in a["name"] and a["name"].endswith(runner)
             )
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
             t0 = time.monotonic()
             claimer = self.wait_for(
-                "another ingress claims the job",
+                "another runner claims the job",
                 lambda: (
                     (j := store.get(video)) is not None
                     and j.lease_owner not in (None, runner)
@@ -281,11 +277,11 @@ class Scenario:
             done = self.wait_done(video, 240)
             job = store.get(video)
             self.record(
-                ingress_killed=runner,
+                runner_killed=runner,
                 claimed_by=claimer,
-                after_ingress_loss=done["status"],
-                attempts_after_ingress_loss=job.attempts if job else None,
-                ingress_recovered_s=time.monotonic() - t0,
+                after_runner_loss=done["status"],
+                attempts_after_runner_loss=job.attempts if job else None,
+                runner_recovered_s=time.monotonic() - t0,
                 total_s=time.monotonic() - started,
             )
         finally:
@@ -301,37 +297,51 @@ class Scenario:
 # -- the tests ---------------------------------------------------------------------------------
 
 
+def run_scenario(module: str, args: list[str], out: Path, timeout_s: float, **env: str) -> dict[str, Any]:
+    """Run `python -m <module> <args…>` (a scenario that writes what it saw to `out` after each
+    stage) in its own process under a hard timeout → what it saw, plus `_log_tail`."""
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", **env}
+    full_env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        tail = proc.stderr[-6000:]
+    except subprocess.TimeoutExpired as exc:
+        tail = f"timed out after {timeout_s} s\n{(exc.stderr or b'')[-6000:]!r}"
+    seen = json.loads(out.read_text()) if out.exists() else {}
+    seen["_log_tail"] = tail
+    return seen
+
+
+def observation(observed: dict[str, Any], key: str) -> Any:
+    assert key in observed, f"the scenario stopped before observing {key!r}:\n{observed['_log_tail']}"
+    return observed[key]
+
+
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict[str, Any]:
     """Run the scenario once; → what it saw (whatever it saw, even when it stopped early)."""
     work = tmp_path_factory.mktemp("cluster")
     out = work / "observed.json"
     with redis_server(work / "redis") as url:
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-        env.pop("RAY_ADDRESS", None)
         # Autoscaling decisions within seconds (the default push interval is 10 s).
-        env["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-        env["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "tests.test_cluster", url, str(out)],
-                cwd=REPO,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=SCENARIO_TIMEOUT_S,
-            )
-            tail = proc.stderr[-6000:]
-        except subprocess.TimeoutExpired as exc:
-            tail = f"timed out after {SCENARIO_TIMEOUT_S} s\n{(exc.stderr or b'')[-6000:]!r}"
-    seen = json.loads(out.read_text()) if out.exists() else {}
-    seen["_log_tail"] = tail
-    return seen
+        return run_scenario(
+            "tests.test_cluster",
+            [url, str(out)],
+            out,
+            SCENARIO_TIMEOUT_S,
+            RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S="0.5",
+            RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S="0.5",
+        )
 
 
-def _get(observed: dict[str, Any], key: str) -> Any:
-    assert key in observed, f"the scenario stopped before observing {key!r}:\n{observed['_log_tail']}"
-    return observed[key]
+_get = observation
 
 
 def test_cluster_has_a_head_and_two_gpu_nodes(observed):
@@ -361,10 +371,10 @@ def test_a_node_killed_mid_job_is_survived_by_retrying_on_the_other_node(observe
     assert set(group) == set(WORKER_NODES) - {killed}
 
 
-def test_a_killed_ingress_replica_job_is_claimed_by_another_through_redis(observed):
-    assert _get(observed, "claimed_by") != _get(observed, "ingress_killed")
-    assert _get(observed, "after_ingress_loss") == "completed"
-    assert _get(observed, "attempts_after_ingress_loss") >= 2
+def test_a_killed_runner_replica_job_is_claimed_by_another_through_redis(observed):
+    assert _get(observed, "claimed_by") != _get(observed, "runner_killed")
+    assert _get(observed, "after_runner_loss") == "completed"
+    assert _get(observed, "attempts_after_runner_loss") >= 2
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def test_gpu_worker_pods_hold_exactly_one_dit_replica_and_scale_with_serve():
     dit = _deployment("DiTReplica")
     bundles = dit["placement_group_bundles"]
     assert dit["placement_group_strategy"] == "STRICT_PACK"
-    assert sum(b.get("GPU", 0) for b in bundles) == _gpus(_pods()["gpu-dit"]) == 8
+    assert len(bundles) == _gpus(_pods()["gpu-dit"]) == 8  # one rank per GPU of the pod
+    assert all(b["GPU"] <= 1 for b in bundles)
     assert len(bundles) == _app(PROFILE)["args"]["sp_degree"] * _app(PROFILE)["args"]["cfg_degree"]
     group, scaling = _group("gpu-dit"), dit["autoscaling_config"]
     assert (group["minReplicas"], group["maxReplicas"]) == (scaling["min_replicas"], scaling["max_replicas"])
@@ -110,22 +111,23 @@ def test_gpu_worker_pods_hold_exactly_one_dit_replica_and_scale_with_serve():
     assert {"mountPath": "/dev/shm", "name": "dshm"} in container["volumeMounts"]
 
 
-def test_preprocessor_and_decoder_fit_the_aux_gpu_pods_only():
-    aux = [
-        d
-        for d in _app(PROFILE)["deployments"]
-        if "standin_aux" in d["ray_actor_options"].get("resources", {})
-    ]
-    assert {d["name"] for d in aux} == {"Preprocessor", "Decoder"}
-    group = _group("gpu-aux")
-    declared = yaml.safe_load(group["rayStartParams"]["resources"])  # a JSON string, quoted for KubeRay
-    declared = yaml.safe_load(declared) if isinstance(declared, str) else declared
-    per_pod = declared["standin_aux"]
-    assert per_pod * group["minReplicas"] >= sum(
-        d["num_replicas"] * d["ray_actor_options"]["resources"]["standin_aux"] for d in aux
-    )
-    assert all(d["ray_actor_options"]["num_gpus"] <= _gpus(_pods()["gpu-aux"]) for d in aux)
-    assert "resources" not in _group("gpu-dit")["rayStartParams"]  # an 8-GPU pod never hosts them
+def test_the_profile_fits_one_plain_8_gpu_node_without_custom_resources():
+    """8 ranks × 0.9 GPU leave 0.1 on every GPU; the Preprocessor and Decoder together ask for at
+    most 0.1, so even packed onto one GPU they leave a whole rank's share on every GPU."""
+    deployments = _app(PROFILE)["deployments"]
+    assert all("resources" not in d.get("ray_actor_options", {}) for d in deployments)
+    (per_rank,) = {b["GPU"] for b in _deployment("DiTReplica")["placement_group_bundles"]}
+    assert 0.5 < per_rank <= 1  # two ranks never share a GPU
+    aux = [_deployment(n) for n in ("Preprocessor", "Decoder")]
+    aux_gpu = sum(d["num_replicas"] * d["ray_actor_options"]["num_gpus"] for d in aux)
+    assert aux_gpu > 0 and per_rank + aux_gpu <= 1.0 + 1e-9
+    cpus = sum(b["CPU"] for b in _deployment("DiTReplica")["placement_group_bundles"])
+    cpus += sum(d["num_replicas"] * d["ray_actor_options"]["num_cpus"] for d in aux)
+    (container,) = _pods()["gpu-dit"]["containers"]
+    assert cpus <= float(container["resources"]["limits"]["cpu"])
+    groups = RAYSERVICE["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert {g["groupName"] for g in groups} == {"cpu", "gpu-dit"}
+    assert all("resources" not in g["rayStartParams"] for g in groups)
 
 
 def test_ingress_pods_are_ready_only_when_our_healthz_says_so():
@@ -144,7 +146,7 @@ def test_every_pod_gets_secrets_from_a_secret_and_the_redis_job_store():
         for var, key in (("STANDIN_API_KEYS", "api-keys"), ("STANDIN_REDIS_URL", "redis-url")):
             assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "standin-secrets", "key": key}, name
         assert env["STANDIN_JOB_STORE"]["value"] == "redis"
-        fields = {f.upper() for f in ServeSettings.__dataclass_fields__}
+        fields = {f.upper() for f in ServeSettings.model_fields}
         assert all(v[len("STANDIN_") :] in fields for v in env if v.startswith("STANDIN_")), name
         # What a replica in this pod would run with.
         plain = {k: e.get("value", "secret") for k, e in env.items()}
@@ -185,16 +187,14 @@ def test_launcher_config_has_the_same_layout():
     head_start = " ".join(LAUNCHER["head_start_ray_commands"])
     assert "--num-gpus=0" in head_start and "--head" in head_start
     dit = _deployment("DiTReplica")
-    assert types["gpu_dit"]["resources"]["GPU"] == sum(b["GPU"] for b in dit["placement_group_bundles"])
+    assert types["gpu_dit"]["resources"]["GPU"] == len(dit["placement_group_bundles"])  # a rank per GPU
     scaling = dit["autoscaling_config"]
     assert (types["gpu_dit"]["min_workers"], types["gpu_dit"]["max_workers"]) == (
         scaling["min_replicas"],
         scaling["max_replicas"],
     )
-    assert (
-        types["gpu_aux"]["resources"]["standin_aux"] >= 1
-        and "standin_aux" not in types["gpu_dit"]["resources"]
-    )
+    assert set(types) == {"head", "cpu", "gpu_dit"}
+    assert all(set(t["resources"]) <= {"CPU", "GPU"} for t in types.values())  # no custom resources
     assert LAUNCHER["max_workers"] >= sum(t["max_workers"] for t in types.values())
     options = " ".join(LAUNCHER["docker"]["run_options"])
     assert "/models:ro" in options and "--shm-size" in options and "--gpus all" in options
