@@ -106,6 +106,24 @@ def write_result(path: Path, result: dict[str, Any]) -> Path:
     return path
 
 
+def result_header(benchmark: str, started: str, command: str | None = None) -> dict[str, Any]:
+    """The fields every result starts with: what ran, how, when, and the machine it ran on (for
+    the load generator: the client's)."""
+    header: dict[str, Any] = {"benchmark": benchmark}
+    if command is not None:
+        header["command"] = command
+    return header | {"started": started, "finished": timestamp(), "machine": machine()}
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110, **savefig: Any) -> Path:
+    """Lay out, write and close a matplotlib figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, **savefig)
+    pyplot().close(fig)
+    log.info("wrote %s", path)
+    return path
+
+
 def pyplot() -> Any:
     """matplotlib's pyplot on the file-only backend (benchmarks run on headless machines)."""
     import matplotlib

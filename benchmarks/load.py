@@ -43,7 +43,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, pyplot, result_path, summarize, timestamp, write_result
+from benchmarks.common import (
+    pyplot,
+    result_header,
+    result_path,
+    save_figure,
+    summarize,
+    timestamp,
+    write_result,
+)
 
 log = logging.getLogger("benchmarks.load")
 
@@ -407,10 +415,7 @@ class LoadRun:
                       if r.finished_seen is not None and r.started_seen is not None]
         gen_for_steps = server_gen if len(server_gen) == len(done) and done else client_gen
         return {
-            "benchmark": "load",
-            "started": started,
-            "finished": timestamp(),
-            "client_machine": machine(),
+            **result_header("load", started),
             "settings": {k: v for k, v in asdict(c).items() if k != "api_key"},
             "mode": "closed_loop" if c.rate is None else "open_loop_poisson",
             "counts": {
@@ -474,10 +479,7 @@ def sweep(
         level *= 2
     knee = max(levels, key=lambda r: r["throughput_videos_per_min"]) if levels else None
     return {
-        "benchmark": "load_sweep",
-        "started": started,
-        "finished": timestamp(),
-        "client_machine": machine(),
+        **result_header("load_sweep", started),
         "settings": {
             **{k: v for k, v in asdict(config).items() if k not in ("api_key", "concurrency", "rate")},
             "max_concurrency": max_concurrency,
@@ -533,11 +535,7 @@ def plot_run(report: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"{shape}: {report['throughput_videos_per_min']:.2f} videos/min, "
                  f"{report['counts']['completed']} completed, {report['counts']['rejected']} rejected, "
                  f"{report['counts']['failed']} failed", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    log.info("wrote %s", path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_sweep(report: dict[str, Any], path: Path) -> Path:
@@ -561,11 +559,7 @@ def plot_sweep(report: dict[str, Any], path: Path) -> Path:
     ax2.set_ylim(bottom=0)
     ax2.legend(fontsize=7)
     fig.suptitle(f"Concurrency sweep: knee at {report['knee_concurrency']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    log.info("wrote %s", path)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(x: float | None) -> str:

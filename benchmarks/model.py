@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine, pyplot, result_path, timestamp, write_result
+from benchmarks.common import pyplot, result_header, result_path, save_figure, timestamp, write_result
 from benchmarks.flops import dit_forward_flops, tflops, token_counts
 from standin.config import DiTConfig
 from standin.presets import dit_preset
@@ -218,11 +218,7 @@ def identity_main(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report = {
-        "benchmark": "identity_overhead",
-        "command": "python -m benchmarks.model identity " + " ".join(args.argv),
-        "started": started,
-        "finished": timestamp(),
-        "machine": machine(),
+        **result_header("identity_overhead", started, _command("identity", args)),
         "settings": {
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
@@ -269,11 +265,11 @@ def plot_identity(report: dict[str, Any], path: Path) -> Path:
     m = report["machine"]
     fig.suptitle(f"Identity overhead — {m.get('gpu') or m['cpu']}, torch {m.get('torch')}, "
                  f"{report['settings']['dtype']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    log.info("wrote %s", path)
-    return path
+    return save_figure(fig, path)
+
+
+def _command(subcommand: str, args: argparse.Namespace) -> str:
+    return f"python -m benchmarks.model {subcommand} " + " ".join(args.argv)
 
 
 # -- pipeline breakdown ------------------------------------------------------------------
@@ -366,11 +362,7 @@ def breakdown_main(args: argparse.Namespace) -> dict[str, Any]:
     median = {k: statistics.median(r[k] for r in runs) for k in STAGES}
     total = sum(median.values())
     report = {
-        "benchmark": "pipeline_breakdown",
-        "command": "python -m benchmarks.model breakdown " + " ".join(args.argv),
-        "started": started,
-        "finished": timestamp(),
-        "machine": machine(),
+        **result_header("pipeline_breakdown", started, _command("breakdown", args)),
         "settings": {
             "preset": args.preset,
             "device": str(device),
@@ -421,11 +413,7 @@ def plot_breakdown(report: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"One request, {s['preset']} preset ({s['width']}×{s['height']}×{s['num_frames']}, "
                  f"{s['num_steps']} steps) — {m.get('gpu') or m['cpu']}", fontsize=9)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.02 * len(bars)))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    log.info("wrote %s", path)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 # -- CLI -------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import statistics
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,13 +29,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, pyplot, result_path, summarize, timestamp, write_result
-from benchmarks.load import VideoClient
+from benchmarks.common import (
+    pyplot,
+    result_header,
+    result_path,
+    save_figure,
+    summarize,
+    timestamp,
+    write_result,
+)
+from benchmarks.load import TERMINAL, VideoClient
 
 log = logging.getLogger(__name__)
 
 FACE = Path(__file__).resolve().parent.parent / "tests" / "data" / "faces" / "astronaut.jpg"
-TERMINAL = {"completed", "failed", "cancelled"}
 
 
 def wait_for_events(base_url: str, video_id: str, timeout: float) -> dict[str, Any]:
@@ -158,10 +166,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax.bar(labels, medians, color=["#4c72b0", "#dd8452"])
     ax.set_ylabel("seconds per request (median)")
     ax.set_title(f"serving overhead ×{report['result']['overhead_ratio_paired_median']:.2f} (paired)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -180,7 +185,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    started = timestamp()
     width, height = (int(v) for v in args.size.lower().split("x"))
     fields = {
         "prompt": "a person smiles",
@@ -203,9 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as state, private_server(Path(state)) as url:
             result = measure(url, direct, fields, image, args.pairs, args.timeout)
     report = {
-        "benchmark": "serving_overhead",
-        "when": timestamp(),
-        "machine": machine(),
+        **result_header("serving_overhead", started, "python -m benchmarks.serving " + " ".join(argv)),
         "settings": settings,
         "result": result,
     }
