@@ -41,13 +41,13 @@ def find_redis_server() -> str:
 
 
 @contextlib.contextmanager
-def redis_server(directory: Path, timeout_s: float = 30.0) -> Iterator[str]:
+def redis_server(directory: Path, timeout_s: float = 30.0, port: int | None = None) -> Iterator[str]:
     """A private Redis-compatible server (no persistence) → its URL; stopped on exit."""
     import redis
 
     exe = find_redis_server()
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port("127.0.0.1")
+    port = port or free_port("127.0.0.1")
     log = (directory / "redis.log").open("w")
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), *NO_PERSISTENCE],
