@@ -27,6 +27,7 @@ log = logging.getLogger("standin")
 
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = model_cli.build_parser()
+    parser.description = __doc__
     gen = sub.choices["generate"]
     gen.add_argument(
         "--server", help="generate through a Stand-In Serve server (e.g. http://127.0.0.1:8000) instead"
