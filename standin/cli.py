@@ -1,7 +1,7 @@
 """The model-side commands: generate a video from a face photo and a prompt on this machine
-(`generate`), and train (`train`). Importable and runnable without Ray or an HTTP client
-(`python -m standin.cli`); the installed `standin` console script (serve_app/cli.py) adds
-`serve` and `generate --server` on top of this parser."""
+(`generate`), train (`train`), and convert a checkpoint to bf16 once (`convert`). Importable and
+runnable without Ray or an HTTP client (`python -m standin.cli`); the installed `standin`
+console script (serve_app/cli.py) adds `serve` and `generate --server` on top of this parser."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from standin import convert
 from standin.config import DTYPES
 from standin.errors import StandInError
 from standin.face import FaceConfig, FacePreprocessor
+from standin.face_swap_command import add_face_swap_arguments, run_face_swap
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams, StandInPipeline
 from standin.presets import PRESETS, get_preset
 from standin.video import DEFAULT_FPS, encode_mp4
@@ -57,6 +59,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     gen.add_argument("--parser-weights", type=Path, help="parsing_bisenet.pth (whitens the background)")
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="DiT/text dtype (default: bf16 on GPU)")
+    add_face_swap_arguments(gen)
+
+    conv = sub.add_parser("convert", help="rewrite a checkpoint directory's DiT in bf16 once (halves reads)")
+    convert.add_arguments(conv)
 
     from standin.training.command import add_train_parser
 
@@ -65,6 +71,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
 
 def generate(args: argparse.Namespace) -> Path:
+    if getattr(args, "video", None) is not None:
+        return run_face_swap(args)
     preset = get_preset(args.preset)
     params = GenerationParams(
         prompt=args.prompt,
@@ -120,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "generate":
             print(f"wrote {generate(args)}")
+        elif args.command == "convert":
+            return convert.main(args)
         elif args.command == "train":
             from standin.training.command import run_train
 

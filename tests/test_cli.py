@@ -53,3 +53,13 @@ def test_generate_server_needs_both_sizes_and_reports_an_unreachable_server(tmp_
     argv = ["generate", "--prompt", "x", "--server", f"http://127.0.0.1:{port}", "--wait-ready", "0.5"]
     with pytest.raises(SystemExit, match="^error: .*not ready"):
         serving_cli.main([*argv, "-o", str(tmp_path / "out.mp4")])
+
+
+def test_convert_is_a_model_side_command_with_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert serving_cli.build_parser().parse_args(["convert", "a", "b"]).command == "convert"
+    assert model_cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no diffusion_pytorch_model") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
