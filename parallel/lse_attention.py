@@ -19,6 +19,7 @@ GPU suite reports it).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections import Counter
 
@@ -42,6 +43,9 @@ _HAS_FLASH2 = importlib.util.find_spec("flash_attn") is not None
 # Score elements one chunk of the `chunked` kernel may hold (64 Mi floats = 256 MiB in fp32).
 CHUNK_ELEMENTS = 64 * 1024 * 1024
 BACKEND_CALLS: Counter = Counter()
+_FAILED: set[str] = set()  # fused kernels that refused an input (logged once, then not tried again)
+
+log = logging.getLogger(__name__)
 
 
 def select_lse_backend(q: torch.Tensor) -> str:
@@ -72,9 +76,26 @@ def attention_with_lse(
     """Softmax attention of q [B, Sq, H, D] over k/v [B, Sk, H, D] (no mask, scale D^-½).
 
     Returns out [B, Sq, H, D] and its log-sum-exp [B, Sq, H] (of the scaled scores), in float32
-    (float64 for float64 inputs), for `merge`.
+    (float64 for float64 inputs), for `merge`. backend None: `select_lse_backend`, and a fused
+    kernel that raises falls back to `chunked` (logged once; `BACKEND_CALLS` shows it); a
+    named backend is used as is.
     """
-    backend = backend or select_lse_backend(q)
+    if backend is None:
+        backend = select_lse_backend(q)
+        if backend in _FAILED:
+            backend = "chunked"
+        try:
+            return _run(backend, q, k, v)
+        except RuntimeError as exc:  # a fused kernel refusing this input (head dim, alignment, …)
+            if backend == "chunked":
+                raise
+            _FAILED.add(backend)
+            log.warning("ring attention: %s failed (%s); using the chunked kernel from now on", backend, exc)
+            backend = "chunked"
+    return _run(backend, q, k, v)
+
+
+def _run(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> BlockResult:
     BACKEND_CALLS[backend] += 1
     acc = _acc_dtype(q.dtype)
     if backend == "chunked":

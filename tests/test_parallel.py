@@ -143,6 +143,26 @@ def test_chunked_kernel_never_holds_more_scores_than_its_budget(monkeypatch):
     assert len(biggest) == 40 and max(biggest) <= budget
 
 
+def test_a_fused_kernel_that_refuses_an_input_falls_back_to_the_exact_chunked_one(monkeypatch):
+    real_run = lse_attention._run
+
+    def refusing(backend, q, k, v):
+        if backend == "cpu_flash":
+            raise RuntimeError("head dim not supported")
+        return real_run(backend, q, k, v)
+
+    monkeypatch.setattr(lse_attention, "_run", refusing)
+    monkeypatch.setattr(lse_attention, "_FAILED", set())
+    monkeypatch.setattr(lse_attention, "BACKEND_CALLS", lse_attention.Counter())
+    q, k, v = (torch.randn(1, n, 2, 8, dtype=torch.float64) for n in (5, 9, 9))
+    out, _ = attention_with_lse(q, k, v)
+    assert _rel(out, _full_attention_float64(q, k, v)[0]) <= 1e-12
+    attention_with_lse(q, k, v)
+    assert dict(lse_attention.BACKEND_CALLS) == {"chunked": 2}  # the refusing kernel is not retried
+    with pytest.raises(RuntimeError, match="head dim"):
+        attention_with_lse(q, k, v, backend="cpu_flash")  # a named backend is used as is
+
+
 def test_lse_backend_selection(monkeypatch):
     assert select_lse_backend(torch.zeros(1, 1, 1, 8)) == "cpu_flash"
     assert select_lse_backend(torch.zeros(1, 1, 1, 8, dtype=torch.float16)) == "chunked"
