@@ -498,18 +498,24 @@ def _wait_through_restarts(client: httpx.Client, video_id: str, timeout: float =
     raise AssertionError(f"{video_id} did not finish")
 
 
-def test_killing_the_ingress_mid_job_does_not_restart_the_generation(client: httpx.Client, store):
-    """The Ingress only serves HTTP: losing it (or rolling it) leaves the running job alone."""
-    video = _submit(client, **LONG)
-    _wait_progress(client, video["id"], above=5)
-    runner = store.get(video["id"]).lease_owner
-    _kill_replica("standin#Ingress")
-
+def _kill_mid_job(client: httpx.Client, store, deployment: str, **fields: Any) -> tuple[dict[str, Any], Any]:
+    """Submit, kill `deployment`'s replica once the DiT is working on it, wait until the job ends
+    (completed, or the test fails) → (its final video object, the lease of the first run)."""
+    video = _submit(client, **fields)
+    _wait_progress(client, video["id"], above=2)
+    first = store.get(video["id"]).lease
+    _kill_replica(deployment)
     done = _wait_through_restarts(client, video["id"])
     assert done["status"] == "completed", done
+    return done, first
+
+
+def test_killing_the_ingress_mid_job_does_not_restart_the_generation(client: httpx.Client, store):
+    """The Ingress only serves HTTP: losing it (or rolling it) leaves the running job alone."""
+    video, first = _kill_mid_job(client, store, "standin#Ingress", **LONG)
     job = store.get(video["id"])
-    assert job.attempts == 1 and job.result_key == f"{video['id']}.a1.mp4"  # one run, never restarted
-    assert runner is not None
+    assert first.attempt == job.attempts == 1  # one run, never restarted
+    assert job.result_key == f"{video['id']}.a1.mp4"
     assert read_mp4_info(client.get(f"/v1/videos/{video['id']}/content").content).num_frames == 17
 
 
@@ -520,13 +526,7 @@ def test_a_killed_runner_job_is_claimed_again_and_the_dit_drops_the_stale_run(cl
     stats = _dit_stats()
     stopped_before = stats["abandoned"] + stats["cancelled"]
     # Long enough (~25 s here) that the replacement runner claims it while the DiT still works.
-    video = _submit(client, **{**LONG, "size": "256x256"})
-    _wait_progress(client, video["id"], above=2)
-    first = store.get(video["id"]).lease
-    _kill_replica("standin#JobRunner")
-
-    done = _wait_through_restarts(client, video["id"])
-    assert done["status"] == "completed", done
+    video, first = _kill_mid_job(client, store, "standin#JobRunner", **{**LONG, "size": "256x256"})
     job = store.get(video["id"])
     assert job.attempts == 2 and job.lease_owner is None and first.attempt == 1
     assert job.result_key == f"{video['id']}.a2.mp4"
