@@ -6,10 +6,12 @@ tokens or their K/V.
 """
 
 from parallel.collectives import Collectives, CommStats
+from parallel.devices import resolve_device
 from parallel.errors import CollectiveError, ParallelConfigError, PeerFailedError, RequestFailedError
 from parallel.mesh import DeviceMesh, ParallelConfig, init_distributed
 from parallel.runner import DenoiseRequest, SPRunner
 from parallel.sharded_dit import ShardedDiT, TokenLayout
+from parallel.weights import load_once_per_node
 
 __all__ = [
     "CollectiveError",
@@ -25,4 +27,6 @@ __all__ = [
     "ShardedDiT",
     "TokenLayout",
     "init_distributed",
+    "load_once_per_node",
+    "resolve_device",
 ]

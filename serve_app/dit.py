@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -43,13 +44,16 @@ from parallel import (
     RequestFailedError,
     SPRunner,
     init_distributed,
+    load_once_per_node,
 )
 from serve_app.jobs import AsyncJobStore, open_job_store
 from serve_app.models import device_of, load_dit
 from serve_app.ports import free_port
 from serve_app.settings import ServeSettings
+from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError
 from standin.pipeline import GenerationParams, initial_noise
+from standin.presets import get_preset
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +68,16 @@ class RankState:
         self.device = device_of(settings)  # explicit index (cuda:0 for a one-GPU actor)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # init_distributed then binds NCCL to it (device_id)
-        model = load_dit(settings)
         world = settings.world_size
         timeout = datetime.timedelta(seconds=settings.collective_timeout_s)
         if world > 1:
             backend = settings.dist_backend or ("nccl" if self.device.type == "cuda" else "gloo")
             init_distributed(rank, world, address or "", backend=backend, timeout=timeout)
+            # The group shares one node: rank 0 reads the checkpoint, the others receive it.
+            empty = functools.partial(WanDiT, get_preset(settings.preset).dit)
+            model, _ = load_once_per_node(functools.partial(load_dit, settings), empty, self.device)
+        else:
+            model = load_dit(settings)
         config = ParallelConfig.for_world(world, model.config.num_heads, cfg=settings.cfg_degree)
         mesh = DeviceMesh(config, model.config.num_heads, device=self.device, timeout=timeout)
         self.runner = SPRunner(model, Collectives(mesh))
