@@ -23,6 +23,7 @@ import torch
 from standin.checkpoints import load_wan_dit, shard_files
 from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, CheckpointError, InvalidRequestError
+from standin.forward_plan import LinearAdapters
 from standin.guidance import guided_velocity
 from standin.presets import (
     DIT_SHARDS,
@@ -164,6 +165,9 @@ class DenoiseInputs:
     schedule: FlowMatchSchedule
     guidance_scale: float
     cfg_mode: str = "separate"
+    # the request's style LoRAs (a `standin.styles.StyleSet`), applied unmerged in every DiT call
+    # and in the identity cache; None: the base model
+    adapters: LinearAdapters | None = None
 
     @classmethod
     def for_request(
@@ -172,8 +176,9 @@ class DenoiseInputs:
         context: torch.Tensor,
         negative_context: torch.Tensor | None,
         identity_latents: torch.Tensor | None,
+        adapters: LinearAdapters | None = None,
     ) -> DenoiseInputs:
-        """The request's seeded noise and schedule around its encoded prompts and face."""
+        """The request's seeded noise and schedule around its encoded prompts, face and styles."""
         return cls(
             noise=initial_noise(params),
             context=context,
@@ -182,6 +187,7 @@ class DenoiseInputs:
             schedule=FlowMatchSchedule(params.num_steps, shift=params.shift),
             guidance_scale=params.guidance_scale,
             cfg_mode=params.cfg_mode,
+            adapters=adapters,
         )
 
 
@@ -279,7 +285,8 @@ class StandInPipeline:
         def make_cache() -> IdentityCache | None:
             if inputs.identity_latents is None:
                 return None
-            return self.dit.identity_cache(inputs.identity_latents.to(self.device), latents.shape)
+            ident = inputs.identity_latents.to(self.device)
+            return self.dit.identity_cache(ident, latents.shape, adapters=inputs.adapters)
 
         cache = make_cache() if reuse_identity_cache else None
         schedule = inputs.schedule
@@ -287,7 +294,8 @@ class StandInPipeline:
             if should_cancel is not None and should_cancel():
                 raise CancelledError(f"cancelled before step {i + 1} of {len(schedule)}")
             t = schedule.timestep(i).to(self.device).expand(latents.shape[0])
-            call = functools.partial(self.dit, identity=cache if reuse_identity_cache else make_cache())
+            identity = cache if reuse_identity_cache else make_cache()
+            call = functools.partial(self.dit, identity=identity, adapters=inputs.adapters)
             ctx, neg = inputs.context, inputs.negative_context
             velocity = guided_velocity(call, latents, t, ctx, neg, inputs.guidance_scale, inputs.cfg_mode)
             latents = schedule.step(velocity, i, latents)
@@ -308,16 +316,18 @@ class StandInPipeline:
         identity_image: np.ndarray | None = None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        styles: LinearAdapters | None = None,
     ) -> torch.Tensor:
         """Prompt (+ preprocessed 512² reference) → video [1, 3, F, H, W] in [-1, 1].
 
-        Without `identity_image` this is plain Wan2.1 text-to-video.
+        Without `identity_image` this is plain Wan2.1 text-to-video. `styles`: the request's
+        style LoRAs (`standin.styles.StyleSet`, on the model's device), applied unmerged.
         """
         params.validate()
         use_cfg = params.guidance_scale != 1.0
         ctx, neg = self.encode_prompts(params.prompt, params.negative_prompt if use_cfg else None)
         identity = self.encode_identity(identity_image) if identity_image is not None else None
-        inputs = DenoiseInputs.for_request(params, ctx, neg, identity)
+        inputs = DenoiseInputs.for_request(params, ctx, neg, identity, adapters=styles)
         latents = self.denoise(inputs, progress, should_cancel)
         return self.decode(latents)
 
