@@ -326,7 +326,12 @@ class Ingress:
         job = Job(id=new_job_id(), owner=owner, model=video.model, request=video.to_job_request())
         if video.image is not None:  # large inputs live in the results store, not the job store
             await asyncio.to_thread(self.results.put, reference_key(job.id), video.image)
-        await self.store.create(job)
+        try:
+            await self.store.create(job)
+        except BaseException:
+            if video.image is not None:  # no job row: the upload must not linger
+                await asyncio.to_thread(self.results.delete, reference_key(job.id))
+            raise
         self.metrics.job_accepted()
         log.info("accepted %s", job.id)
         return JSONResponse(video_object(job, await self.store.queue_position(job.id)), status_code=202)
