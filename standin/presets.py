@@ -8,8 +8,10 @@ from dataclasses import dataclass, replace
 
 from standin.config import TINY_DIT, WAN21_1_3B_DIT, WAN21_14B_DIT, DiTConfig
 from standin.errors import UnknownPresetError
+from standin.experts import ExpertLayout
 from standin.text_encoder import TINY as TINY_TEXT
 from standin.text_encoder import UMT5_XXL, TextEncoderConfig
+from standin.vace import TINY_VACE, WAN21_1_3B_VACE, WAN21_14B_VACE, VaceConfig
 from standin.vae import TINY_VAE, WAN21_VAE, VAEConfig
 
 # The official Wan2.1 checkpoint directory layout (and Stand-In's file beside it).
@@ -36,6 +38,11 @@ class ModelPreset:
     needs_checkpoint: bool = True
     # side of the square reference image the identity branch was trained on (512: the paper's)
     reference_size: int = 512
+    # two-expert models (Wan2.2 A14B): where the high/low-noise DiTs live and when each runs;
+    # None: one DiT (Wan2.1). `dit` is then the architecture of both experts.
+    experts: ExpertLayout | None = None
+    # Wan2.1-VACE: the control branch (standin/vace.py) in the same checkpoint; None: no control
+    vace: VaceConfig | None = None
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -53,12 +60,33 @@ PRESETS: dict[str, ModelPreset] = {
         num_steps=8,
         needs_checkpoint=False,
         reference_size=32,
+        # VACE blocks trained on the glyph clips (standin/weights/tiny_vace.safetensors)
+        vace=TINY_VACE,
     ),
     **{
         name: ModelPreset(name, dit, WAN21_VAE, UMT5_XXL, width=832, height=480, num_frames=81, num_steps=20)
         for name, dit in (("wan2.1-t2v-1.3b", WAN21_1_3B_DIT), ("wan2.1-t2v-14b", WAN21_14B_DIT))
     },
+    # Wan2.1-VACE: the T2V DiT plus `vace_*` keys in the same shards (standin/vace.py)
+    **{
+        name: ModelPreset(
+            name, dit, WAN21_VAE, UMT5_XXL, width=832, height=480, num_frames=81, num_steps=20, vace=vace
+        )
+        for name, dit, vace in (
+            ("wan2.1-vace-1.3b", WAN21_1_3B_DIT, WAN21_1_3B_VACE),
+            ("wan2.1-vace-14b", WAN21_14B_DIT, WAN21_14B_VACE),
+        )
+    },
+    # Wan2.2-T2V-A14B: two DiTs of the Wan2.1-14B architecture, the Wan2.1 VAE, the same umT5
+    # (standin/wan22.py loads it; standin/experts.py samples it).
+    "wan2.2-t2v-a14b": ModelPreset(
+        "wan2.2-t2v-a14b", WAN21_14B_DIT, WAN21_VAE, UMT5_XXL, width=832, height=480, num_frames=81,
+        num_steps=20, experts=ExpertLayout(),
+    ),
 }
+# Two tiny experts (the trained tiny DiT and a deterministic sibling with its own identity LoRA,
+# standin/wan22.py), so the two-expert path runs on a CPU. At 8 steps, shift 5: steps 0-3 high.
+PRESETS["tiny-a14b"] = replace(PRESETS["tiny"], name="tiny-a14b", experts=ExpertLayout())
 
 
 def get_preset(name: str) -> ModelPreset:

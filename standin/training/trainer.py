@@ -71,6 +71,8 @@ class TrainConfig:
     warmup: int = 50
     seed: int = 0
     shift: float = DEFAULT_SHIFT
+    # [low, high) DiT timesteps to train on (one Wan2.2 expert's range); None: all of them
+    timestep_range: tuple[float, float] | None = None
     # demo: train this fraction of examples without their reference (keeps text-to-video alive)
     reference_dropout: float = 0.0
     # replace the prompt by the null (negative-prompt) context, so that CFG has an unconditional
@@ -135,11 +137,22 @@ def add_identity_lora(dit: WanDiT, rank: int, seed: int = 0) -> WanDiT:
 CHECKPOINTED = ForwardPlan(run_block=checkpointed_blocks)
 
 
-def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """[n] noise levels drawn uniformly from the sampler's own shifted schedule (1000 points)."""
+def sample_sigmas(
+    n: int, shift: float, generator: torch.Generator, timestep_range: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """[n] noise levels drawn uniformly from the sampler's own shifted schedule (1000 points).
+
+    `timestep_range` [low, high): only the points whose timestep (1000 · sigma) lies there, e.g.
+    one Wan2.2 expert's (`standin.experts.expert_timestep_range`)."""
     schedule = FlowMatchSchedule(1000, shift=shift)
-    idx = torch.randint(0, 1000, (n,), generator=generator)
-    return schedule.sigmas[idx]
+    sigmas = schedule.sigmas[:-1]
+    if timestep_range is not None:
+        t = sigmas * 1000
+        sigmas = sigmas[(t >= timestep_range[0]) & (t < timestep_range[1])]
+        if len(sigmas) == 0:
+            raise ValueError(f"no timestep of the schedule lies in {timestep_range}")
+    idx = torch.randint(0, len(sigmas), (n,), generator=generator)
+    return sigmas[idx]
 
 
 def predict_velocity(
@@ -286,7 +299,7 @@ def train(
             ctx[drop_prompt.to(ctx.device)] = source.null_context.to(ctx)
             batch = batch._replace(context=ctx)
         use_identity = torch.rand(b, generator=gen) >= cfg.reference_dropout
-        sigma = sample_sigmas(b, cfg.shift, gen).to(device)
+        sigma = sample_sigmas(b, cfg.shift, gen, cfg.timestep_range).to(device)
         noise = torch.randn(batch.latents.shape, generator=gen).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
