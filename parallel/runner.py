@@ -33,6 +33,7 @@ from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, InvalidRequestError
 from standin.guidance import combine_guidance, guided_velocity
 from standin.scheduler import DEFAULT_SHIFT, FlowMatchSchedule
+from standin.sdedit import BackgroundConsistency
 
 __all__ = ["DenoiseRequest", "SPRunner"]
 
@@ -41,7 +42,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
-_TENSOR_FIELDS = ("latents", "context", "negative_context", "identity_latents")
+_TENSOR_FIELDS = (
+    "latents",
+    "context",
+    "negative_context",
+    "identity_latents",
+    "background_latents",
+    "background_noise",
+    "background_mask",
+)
+_BACKGROUND_FIELDS = ("background_latents", "background_noise", "background_mask")
 
 
 @dataclass
@@ -51,6 +61,14 @@ class DenoiseRequest:
     latents: [B, C_in, F, H, W] initial noise; context: [B, L, text_dim] prompt embeddings;
     negative_context: [B, L', text_dim], required when guidance != 1;
     identity_latents: [1 or B, C_in, 1, h, w] VAE latent of the face, or None (plain Wan2.1).
+
+    Video-to-video (face swap, SDEdit): `latents` are the start latents and
+    `denoising_strength` < 1 starts the schedule there; background consistency needs all three
+    of background_latents ([B, C_in, F, H, W] the input video's latents x0), background_noise
+    (the noise the start latents were made with, same shape) and background_mask
+    ([1, 1, F, H, W] 0/1, 1 = face): after every step the latents outside the mask are replaced
+    by the input noised to that step's level (`standin.sdedit.BackgroundConsistency`), on every
+    rank, on the replicated latents.
     """
 
     latents: torch.Tensor
@@ -60,6 +78,10 @@ class DenoiseRequest:
     identity_latents: torch.Tensor | None = None
     guidance: float = 5.0
     shift: float = DEFAULT_SHIFT
+    denoising_strength: float = 1.0
+    background_latents: torch.Tensor | None = None
+    background_noise: torch.Tensor | None = None
+    background_mask: torch.Tensor | None = None
 
 
 class SPRunner:
@@ -97,6 +119,7 @@ class SPRunner:
             "num_steps": request.num_steps,
             "guidance": float(request.guidance),
             "shift": float(request.shift),
+            "denoising_strength": float(request.denoising_strength),
             "tensors": {
                 name: (tuple(t.shape), t.dtype) if t is not None else None
                 for name in _TENSOR_FIELDS
@@ -160,15 +183,24 @@ class SPRunner:
             received[name] = self._guarded(self.comm.broadcast, buf)
         latents = received["latents"]
 
-        def setup() -> tuple[FlowMatchSchedule, IdentityCache | None]:
-            schedule = FlowMatchSchedule(header["num_steps"], shift=header["shift"])
+        def setup() -> tuple[FlowMatchSchedule, IdentityCache | None, BackgroundConsistency | None]:
+            strength = header.get("denoising_strength", 1.0)
+            schedule = FlowMatchSchedule(
+                header["num_steps"], shift=header["shift"], denoising_strength=strength
+            )
             ident = received["identity_latents"]
             cache = self.dit.identity_cache(ident, latents.shape) if ident is not None else None
-            return schedule, cache
+            keeper = None
+            if received["background_latents"] is not None:
+                x0, noise, mask = (received[name] for name in _BACKGROUND_FIELDS)
+                keeper = BackgroundConsistency(schedule, x0, noise, mask)
+            return schedule, cache, keeper
 
-        schedule, identity = self._phase(setup)
+        schedule, identity, keeper = self._phase(setup)
         for i in range(schedule.num_steps):
             step = functools.partial(self._step, schedule, i, latents, received, identity, header["guidance"])
+            if keeper is not None:
+                step = functools.partial(_then_keep_background, step, keeper, i)
             latents = self._phase(step, should_cancel)
             if progress is not None:
                 try:
@@ -306,8 +338,29 @@ class SPRunner:
             raise InvalidRequestError(f"guidance must be a finite number, got {request.guidance!r}")
         if request.guidance != 1.0 and request.negative_context is None:
             raise InvalidRequestError("guidance != 1 needs a negative_context")
-        # Raises InvalidRequestError for bad num_steps / shift.
-        FlowMatchSchedule(request.num_steps, shift=request.shift)
+        # Raises InvalidRequestError for bad num_steps / shift / strength.
+        schedule = FlowMatchSchedule(
+            request.num_steps, shift=request.shift, denoising_strength=request.denoising_strength
+        )
+        background = [getattr(request, name) for name in _BACKGROUND_FIELDS]
+        if any(t is not None for t in background):
+            if any(not isinstance(t, torch.Tensor) for t in background):
+                raise InvalidRequestError(
+                    "background consistency needs background_latents, background_noise and background_mask"
+                )
+            x0, noise, mask = background
+            if x0.shape != lat.shape:
+                raise InvalidRequestError(
+                    f"background_latents must be shaped like latents {_shape(lat)}, got {_shape(x0)}"
+                )
+            BackgroundConsistency(schedule, x0, noise, mask)  # raises for bad shapes
+
+
+def _then_keep_background(
+    step: Callable[[], torch.Tensor], keeper: BackgroundConsistency, i: int
+) -> torch.Tensor:
+    """`step()`, then the input video re-imposed outside the face (latents [B, C, F, H, W])."""
+    return keeper.apply(step(), i)
 
 
 def _shape(x: object) -> object:

@@ -55,6 +55,8 @@ MAX_PROMPT_CHARS = 20_000
 # step index (1-based), total steps
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
+# (latents [B, 16, F', H', W'] after step i, i) → the latents the next step starts from
+AfterStep = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,11 @@ class DenoiseInputs:
     # the request's style LoRAs (a `standin.styles.StyleSet`), applied unmerged in every DiT call
     # and in the identity cache; None: the base model
     adapters: LinearAdapters | None = None
+    # Video-to-video (face swap, SDEdit): the latents the loop starts from instead of `noise`
+    # ([B, 16, F', H', W'], e.g. `sdedit_start_latents`), and a function applied to the latents
+    # after every step i (e.g. `BackgroundConsistency.apply`). None: text-to-video.
+    start_latents: torch.Tensor | None = None
+    after_step: AfterStep | None = None
 
     @classmethod
     def for_request(
@@ -280,7 +287,8 @@ class StandInPipeline:
         `reuse_identity_cache=False` rebuilds the identity K/V at every DiT call, as an
         uncached implementation would (for tests and the identity-overhead benchmark).
         """
-        latents = inputs.noise.to(self.device, torch.float32)
+        start = inputs.noise if inputs.start_latents is None else inputs.start_latents
+        latents = start.to(self.device, torch.float32)
 
         def make_cache() -> IdentityCache | None:
             if inputs.identity_latents is None:
@@ -299,6 +307,8 @@ class StandInPipeline:
             ctx, neg = inputs.context, inputs.negative_context
             velocity = guided_velocity(call, latents, t, ctx, neg, inputs.guidance_scale, inputs.cfg_mode)
             latents = schedule.step(velocity, i, latents)
+            if inputs.after_step is not None:
+                latents = inputs.after_step(latents, i)
             if progress is not None:
                 progress(i + 1, len(schedule))
         return latents
