@@ -20,6 +20,7 @@ from standin.face import FaceConfig, FacePreprocessor
 from standin.face_swap_command import add_face_swap_arguments, run_face_swap
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams, StandInPipeline
 from standin.presets import PRESETS, get_preset
+from standin.styles import load_lora_args
 from standin.video import DEFAULT_FPS, encode_mp4
 
 log = logging.getLogger("standin")
@@ -59,6 +60,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     gen.add_argument("--parser-weights", type=Path, help="parsing_bisenet.pth (whitens the background)")
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="DiT/text dtype (default: bf16 on GPU)")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a style LoRA (.safetensors; kohya, A/B, PEFT or diffusers naming) at strength SCALE "
+        "(default 1, times the file's alpha/rank); repeat to stack styles",
+    )
     add_face_swap_arguments(gen)
 
     conv = sub.add_parser("convert", help="rewrite a checkpoint directory's DiT in bf16 once (halves reads)")
@@ -87,6 +96,7 @@ def generate(args: argparse.Namespace) -> Path:
         cfg_mode=args.cfg_mode,
     )
     params.validate()  # fail before loading any model
+    styles = load_lora_args(args.lora, get_preset(args.preset).dit)  # checked before loading too
     reference = None
     if args.image is not None:
         face = FacePreprocessor(
@@ -112,7 +122,8 @@ def generate(args: argparse.Namespace) -> Path:
     )
     log.info("loaded %s in %.1fs on %s", args.preset, time.perf_counter() - started, pipe.device)
     with tqdm(total=params.num_steps, desc="denoising", unit="step", file=sys.stderr) as bar:
-        video = pipe.generate(params, reference, progress=lambda done, total: bar.update(1))
+        styles = styles.to(pipe.device, pipe.dit.patch_embedding.weight.dtype) if styles else None
+        video = pipe.generate(params, reference, progress=lambda done, total: bar.update(1), styles=styles)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(encode_mp4(video, fps=args.fps))
     return args.output

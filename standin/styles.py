@@ -64,7 +64,7 @@ __all__ = [
     "StyleLoRA",
     "StyleLoRAError",
     "StyleSet",
-    "load_style_arg",
+    "load_lora_args",
     "merged_state_dict",
     "parse_lora_arg",
     "pinned_model",
@@ -681,10 +681,14 @@ def parse_lora_arg(value: str) -> tuple[Path, float]:
     return Path(value), 1.0
 
 
-def load_style_arg(
+def load_lora_args(
     values: Sequence[str], model: nn.Module | DiTConfig, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> StyleSet:
-    """Every `--lora PATH[:SCALE]` of a command line → the request's StyleSet (model's dtype/device)."""
+    """Every `--lora PATH[:SCALE]` of a command line → the request's StyleSet.
+
+    Given a model, the styles are converted to its device and dtype; given a config they stay
+    on the CPU in the file's dtype (check the files before loading a model, convert after).
+    """
     styles = []
     param = next(model.parameters()) if isinstance(model, nn.Module) else None
     targets = style_targets(model)

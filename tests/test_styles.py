@@ -15,7 +15,7 @@ from standin.styles import (
     StyleLoRA,
     StyleLoRAError,
     StyleSet,
-    load_style_arg,
+    load_lora_args,
     parse_lora_arg,
     style_targets,
 )
@@ -297,11 +297,24 @@ def test_style_set_skips_zero_scales_and_unknown_layers() -> None:
     assert StyleSet().linear("blocks.0.self_attn.q", x, y) is y
 
 
-def test_load_style_arg_converts_to_the_model_dtype(tmp_path: Path) -> None:
+def test_load_lora_args_converts_to_the_model_dtype(tmp_path: Path) -> None:
     from standin.dit import WanDiT
 
     path = write(tmp_path / "s.safetensors", as_format(random_deltas(), "kohya"))
     model = WanDiT(CFG).to(torch.bfloat16)
-    styles = load_style_arg([f"{path}:0.5"], model)
+    styles = load_lora_args([f"{path}:0.5"], model)
     ((style, scale),) = styles.styles
     assert scale == 0.5 and style.layers["blocks.0.ffn.0"].down.dtype == torch.bfloat16
+
+
+def test_generate_takes_repeatable_lora_flags_and_refuses_a_pickle_before_loading(tmp_path: Path) -> None:
+    from standin.cli import build_parser, main
+
+    args = build_parser()[0].parse_args(
+        ["generate", "--prompt", "p", "--lora", "a.safetensors:0.5", "--lora", "b.safetensors"]
+    )
+    assert args.lora == ["a.safetensors:0.5", "b.safetensors"]
+    pickle = tmp_path / "style.ckpt"
+    pickle.write_bytes(b"\x80\x04not really")
+    assert main(["generate", "--prompt", "p", "--lora", str(pickle), "-o", str(tmp_path / "x.mp4")]) == 2
+    assert not (tmp_path / "x.mp4").exists()
