@@ -8,6 +8,7 @@ they are checked where the pipeline uses them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -35,7 +36,6 @@ from standin.face_swap_request import (
     face_swap_latents,
     face_swap_params,
     generate_face_swap,
-    paste_into_mask,
     prepare_face_swap,
     video_to_tensor,
 )
@@ -43,12 +43,11 @@ from standin.image_io import decode_image
 from standin.pipeline import GenerationParams, StandInPipeline, initial_noise
 from standin.presets import dit_preset, get_preset
 from standin.sdedit import hard_latent_mask
-from standin.training.synthetic import render_clip, render_reference
+from standin.training.face_swap_demo import PROMPT, demo_params, glyph_swap_case
+from standin.training.synthetic import Clip, render_clip, render_reference
 from standin.training.tiny_recipe import tiny_identities
 from standin.video import decode_mp4, encode_mp4, read_mp4_info, to_uint8_frames
 from tests.test_face_swap import official_sigmas
-
-PROMPT = "moves right on navy"
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +56,15 @@ def pipe() -> StandInPipeline:
     return StandInPipeline.from_preset("tiny", device="cpu")
 
 
-def glyph_swap(
-    pair: int = 0, num_frames: int = 5, size: int = 32
-) -> tuple[FaceSwapVideo, np.ndarray, object]:
-    """Held-out glyph 2k moving right on navy, its subject mask, and held-out glyph 2k + 1's
-    reference pasted into the mask (subject "object" with a supplied mask)."""
-    _, held = tiny_identities()
-    source, target = held[2 * pair], held[2 * pair + 1]
-    clip = render_clip(source, 3, size=size, num_frames=num_frames, direction="right", background="navy")
-    reference = render_reference(target, 32)
-    masks = clip.mask.astype(np.uint8) * 255
-    pasted = paste_into_mask(clip.video, reference, masks)
-    return FaceSwapVideo(pasted, masks, 16.0, "user", ("mask",) * num_frames), reference, clip
+def glyph_swap(pair: int = 0) -> tuple[FaceSwapVideo, np.ndarray, Clip]:
+    """Held-out glyph 2k moving right on navy and held-out glyph 2k + 1's reference pasted into
+    its subject mask (subject "object" with a supplied mask): the README's demonstration."""
+    return glyph_swap_case(pair)
 
 
 def params(**kw) -> GenerationParams:
-    base = {"prompt": PROMPT, "num_steps": 8, "guidance_scale": 3.0, "seed": 1}
-    return GenerationParams(**{**base, **kw})
+    """The demonstration's params (8 steps, guidance 3, seed 1) with `kw` replaced."""
+    return dataclasses.replace(demo_params(), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
