@@ -48,10 +48,12 @@ __all__ = [
     "CODECS",
     "CONTAINERS",
     "DecodedVideo",
+    "VideoHeader",
     "VideoLimits",
     "crop_to_multiple",
     "decode_video",
     "largest_4k_plus_1",
+    "probe_video",
     "shape_for_wan",
 ]
 
@@ -170,6 +172,61 @@ def decode_video(data: bytes, limits: VideoLimits | None = None) -> DecodedVideo
         f", rotated {rotation}°" if rotation else "",
     )
     return DecodedVideo(frames, fps, variable, rotation, mirrored, family, codec)
+
+
+@dataclass(frozen=True)
+class VideoHeader:
+    """What an upload's header says, checked against the limits without decoding any frame.
+
+    Attributes:
+        container: ``"mp4/mov"`` or ``"matroska/webm"``.
+        codec: the FFmpeg decoder name.
+        width, height: coded frame size (before any rotation; 0 when the header lacks it).
+        frames: the header's frame count (0 when the container does not store one).
+        duration_s: the header's duration, or None.
+    """
+
+    container: str
+    codec: str
+    width: int
+    height: int
+    frames: int
+    duration_s: float | None
+
+
+def probe_video(data: bytes, limits: VideoLimits | None = None) -> VideoHeader:
+    """Check an upload cheaply, as a server does when the request arrives: byte size, container,
+    codec, and the header's frame size, count and duration against `limits`. No frame is decoded,
+    so a file that passes may still fail :func:`decode_video` (truncated data, lying headers).
+
+    Raises:
+        InvalidVideoError: the bytes are not an accepted video within the limits.
+    """
+    limits = limits or VideoLimits()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidVideoError(f"video must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) == 0:
+        raise InvalidVideoError("the video is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidVideoError(f"the video is {len(data)} bytes, more than the limit of {limits.max_bytes}")
+    family = sniff_container(data)
+    container = _open(data, family, limits)
+    try:
+        stream = _first_video_stream(container)
+        codec = _check_header(container, stream, limits)
+        ctx = stream.codec_context
+        header = VideoHeader(
+            family,
+            codec,
+            int(ctx.width or 0),
+            int(ctx.height or 0),
+            int(stream.frames or 0),
+            _header_duration(container, stream),
+        )
+    finally:
+        container.close()
+    return header
 
 
 def sniff_container(data: bytes) -> str:

@@ -47,6 +47,7 @@ from standin.training.face_swap_demo import PROMPT, demo_params, glyph_swap_case
 from standin.training.synthetic import Clip, render_clip, render_reference
 from standin.training.tiny_recipe import tiny_identities
 from standin.video import decode_mp4, encode_mp4, read_mp4_info, to_uint8_frames
+from standin.video_input import VideoLimits, probe_video
 from tests.test_face_swap import official_sigmas
 
 
@@ -451,3 +452,28 @@ def test_sequence_parallel_face_swap_equals_single_process(tmp_path: Path) -> No
         assert res["err"] <= 1e-5, (key, res)
         if key.endswith("consistency"):
             assert res["outside_exact"], key
+
+
+# ---------------------------------------------------------------------------------------------
+# The cheap check a server makes when the upload arrives
+# ---------------------------------------------------------------------------------------------
+
+
+def test_probe_reads_the_header_and_refuses_what_the_limits_forbid_without_decoding() -> None:
+    frames = np.zeros((9, 48, 64, 3), np.uint8)
+    data = mp4(frames, fps=12.0)
+    header = probe_video(data)
+    assert (header.container, header.codec, header.width, header.height, header.frames) == (
+        "mp4/mov", "h264", 64, 48, 9,
+    )  # fmt: skip
+    assert header.duration_s == pytest.approx(0.75, abs=0.1)
+    with pytest.raises(InvalidVideoError, match="more than the limit of 8"):
+        probe_video(data, VideoLimits(max_frames=8))
+    with pytest.raises(InvalidVideoError, match="pixels per frame"):
+        probe_video(data, VideoLimits(max_pixels_per_frame=64 * 47))
+    with pytest.raises(InvalidVideoError, match="bytes, more than"):
+        probe_video(data, VideoLimits(max_bytes=len(data) - 1))
+    with pytest.raises(InvalidVideoError, match="playlists"):
+        probe_video(b"#EXTM3U\nhttp://example.com/a.ts\n")
+    with pytest.raises(InvalidVideoError):
+        probe_video(data[:40])  # cut inside the header
