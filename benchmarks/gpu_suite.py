@@ -34,7 +34,6 @@ import logging
 import multiprocessing
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from benchmarks.gpu_plan import (
     memory_estimate,
     plan,
 )
+from parallel.rendezvous import free_port
 
 log = logging.getLogger("benchmarks.gpu_suite")
 
@@ -123,11 +123,6 @@ def describe_plan(mode: str, gpus: int, cases: list[Case], args: argparse.Namesp
 
 # -- one world of SP ranks ------------------------------------------------------------------
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(case: Case, device: Any) -> dict[str, Any]:
@@ -282,7 +277,7 @@ def run_world(
 ) -> dict[str, Any]:
     """Spawn `sp` ranks (GPUs 0..sp-1), run the cases, return rank 0's rows + every rank's peaks."""
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port("127.0.0.1")
     shared = {"reps": args.reps, "warmup": args.warmup, "timeout_s": args.timeout_s, "broadcast": broadcast,
               "smoke": args.smoke}
     with tempfile.TemporaryDirectory() as tmp:

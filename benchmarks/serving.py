@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.load import TERMINAL, VideoClient
+from parallel.rendezvous import free_port
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,6 @@ class DirectPath:
         return time.perf_counter() - start
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextmanager
 def private_server(state_dir: Path) -> Iterator[str]:
@@ -127,7 +122,7 @@ def private_server(state_dir: Path) -> Iterator[str]:
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        port = _free_port()
+        port = free_port("127.0.0.1")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"sp_degree": 1, "state_dir": str(state_dir)}), name="overhead", route_prefix="/")
         yield f"http://127.0.0.1:{port}"

@@ -22,7 +22,6 @@ import logging
 import multiprocessing
 import os
 import re
-import socket
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch
 
 from benchmarks.common import machine
 from parallel import Collectives, DeviceMesh, ParallelConfig, ShardedDiT, init_distributed
+from parallel.rendezvous import free_port
 from standin.config import DiTConfig
 from standin.dit import WanDiT
 from standin.presets import dit_preset
@@ -126,11 +126,6 @@ def _rank_main(
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_one(
     preset: str,
@@ -144,7 +139,7 @@ def run_one(
 ) -> dict:
     """Spawn `degree` ranks for one measurement; raise if they fail or outlive timeout_s."""
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port("127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         args = (degree, port, preset, steps, warmup, device, gated, threads, out)

@@ -46,9 +46,9 @@ from parallel import (
     init_distributed,
     load_once_per_node,
 )
+from parallel.rendezvous import free_port
 from serve_app.jobs import AsyncJobStore, open_job_store
 from serve_app.models import device_of, load_dit
-from serve_app.ports import free_port
 from serve_app.settings import ServeSettings
 from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Iterator
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from parallel.rendezvous import free_port
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +23,7 @@ def ray_serve() -> Iterator[str]:
     # Logical CPUs above the 2 physical ones: the recovery tests need room for a replacement DiT
     # group while the old one is torn down; every actor asks for a fraction of a CPU anyway.
     ray.init(num_cpus=4, include_dashboard=False, namespace="serve", logging_level=logging.WARNING)
-    port = _free_port()
+    port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield f"http://127.0.0.1:{port}"

@@ -184,8 +184,8 @@ class Scenario:
         from ray.cluster_utils import Cluster
         from ray.serve.schema import ServeDeploySchema
 
+        from parallel.rendezvous import free_port
         from serve_app.launcher import deploy_config
-        from serve_app.ports import free_port
         from serve_app.redis_jobs import RedisJobStore
 
         # Cluster() records its address in /tmp/ray/ray_current_cluster, where a plain ray.init()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from parallel.rendezvous import free_port
 from serve_app import jobs
 from serve_app.jobs import AsyncJobStore, Job, JobStore, Lease, SQLiteJobStore, open_job_store
-from serve_app.ports import free_port
 from serve_app.settings import ServeSettings, SettingsError
 
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no", "--daemonize", "no")

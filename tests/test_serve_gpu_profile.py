@@ -53,8 +53,8 @@ def scenario(out: Path) -> None:
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
+    from parallel.rendezvous import free_port
     from serve_app.launcher import check_config, deploy_config
-    from serve_app.ports import free_port
 
     seen: dict[str, Any] = {}
 

@@ -7,8 +7,8 @@ import asyncio
 import time
 from pathlib import Path
 
+from parallel.rendezvous import free_port
 from serve_app.jobs import Job
-from serve_app.ports import free_port
 from serve_app.redis_jobs import RedisJobStore
 from serve_app.runner import JobRunner
 from serve_app.settings import ServeSettings

@@ -1,4 +1,4 @@
-"""Free TCP ports (the DiT replica's process-group rendezvous; test servers)."""
+"""A free TCP port for a process group's rendezvous (and for test servers)."""
 
 from __future__ import annotations
 
