@@ -39,8 +39,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recipe",
         required=True,
-        choices=RECIPES,
-        help="lora: the paper's (base frozen); demo: all unfrozen + reference dropout; base: T2V",
+        choices=(*RECIPES, "style"),
+        help="lora: the paper's (base frozen); demo: all unfrozen + reference dropout; base: T2V; "
+        "style: the tiny palette-swap style LoRA (examples/tiny_palette_style.safetensors)",
     )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument(
@@ -66,6 +67,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> Path:
     """Dispatch: synthetic tiny run, or folder training (data parallel under torchrun)."""
+    if args.recipe == "style":
+        if args.preset != "tiny" or args.data is not None:
+            raise SystemExit("error: --recipe style trains the tiny preset's synthetic style only")
+        from standin.training.tiny_style import STYLE_FILE, StyleSchedule, train_style
+
+        schedule = StyleSchedule()
+        schedule.steps = args.steps or max(1, round(schedule.steps * args.steps_scale))
+        return train_style(args.out / STYLE_FILE.name, seed=args.seed, schedule=schedule)
     if args.data is None:
         if args.preset != "tiny":
             raise SystemExit("error: real presets train on --data (a folder of clips)")
