@@ -31,6 +31,7 @@ from parallel.errors import CollectiveError, PeerFailedError, RequestFailedError
 from parallel.sharded_dit import ShardedDiT
 from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, InvalidRequestError
+from standin.experts import ExpertRun, ExpertSet
 from standin.guidance import combine_guidance, guided_velocity
 from standin.scheduler import DEFAULT_SHIFT, FlowMatchSchedule
 from standin.sdedit import BackgroundConsistency
@@ -79,6 +80,8 @@ class DenoiseRequest:
     guidance: float = 5.0
     shift: float = DEFAULT_SHIFT
     denoising_strength: float = 1.0
+    # two-expert models (the runner's ExpertSet): the low-noise expert's guidance (None: guidance)
+    guidance_low: float | None = None
     background_latents: torch.Tensor | None = None
     background_noise: torch.Tensor | None = None
     background_mask: torch.Tensor | None = None
@@ -87,11 +90,14 @@ class DenoiseRequest:
 class SPRunner:
     """Runs whole requests over a mesh. Rank 0: `generate`; other ranks: `serve_forever`."""
 
-    def __init__(self, model: WanDiT, comm: Collectives) -> None:
+    def __init__(self, model: WanDiT, comm: Collectives, experts: ExpertSet | None = None) -> None:
+        """`experts`: a two-expert model's DiTs (standin/experts.py; `model` is then the
+        high-noise one, or the offload slot); every rank must be given the same set."""
         self.model = model
         self.comm = comm
         self.mesh = comm.mesh
         self.dit = ShardedDiT(model, comm)
+        self.experts = experts or ExpertSet.single(model)
         self.broken = False
         # Workers: how the last request ended (None: completed), for logs and health checks.
         self.last_error: Exception | None = None
@@ -120,6 +126,7 @@ class SPRunner:
             "guidance": float(request.guidance),
             "shift": float(request.shift),
             "denoising_strength": float(request.denoising_strength),
+            "guidance_low": None if request.guidance_low is None else float(request.guidance_low),
             "tensors": {
                 name: (tuple(t.shape), t.dtype) if t is not None else None
                 for name in _TENSOR_FIELDS
@@ -183,22 +190,35 @@ class SPRunner:
             received[name] = self._guarded(self.comm.broadcast, buf)
         latents = received["latents"]
 
-        def setup() -> tuple[FlowMatchSchedule, IdentityCache | None, BackgroundConsistency | None]:
+        def setup() -> tuple[FlowMatchSchedule, ExpertRun[ShardedDiT], BackgroundConsistency | None]:
             strength = header.get("denoising_strength", 1.0)
             schedule = FlowMatchSchedule(
                 header["num_steps"], shift=header["shift"], denoising_strength=strength
             )
             ident = received["identity_latents"]
-            cache = self.dit.identity_cache(ident, latents.shape) if ident is not None else None
+
+            def build_identity(dit: ShardedDiT, adapters: Any) -> IdentityCache | None:
+                return dit.identity_cache(ident, latents.shape, adapters) if ident is not None else None
+
+            # The expert of every step (the same rule as the pipeline's), each with its own cache.
+            run = ExpertRun(
+                self.experts,
+                schedule,
+                build_identity,
+                guidance=header["guidance"],
+                guidance_low=header.get("guidance_low"),
+                wrap=lambda m: self.dit if m is self.model else ShardedDiT(m, self.comm),
+            )
+            run.step(0)  # the first expert's identity cache, built here
             keeper = None
             if received["background_latents"] is not None:
                 x0, noise, mask = (received[name] for name in _BACKGROUND_FIELDS)
                 keeper = BackgroundConsistency(schedule, x0, noise, mask)
-            return schedule, cache, keeper
+            return schedule, run, keeper
 
-        schedule, identity, keeper = self._phase(setup)
+        schedule, run, keeper = self._phase(setup)
         for i in range(schedule.num_steps):
-            step = functools.partial(self._step, schedule, i, latents, received, identity, header["guidance"])
+            step = functools.partial(self._step, schedule, i, latents, received, run)
             if keeper is not None:
                 step = functools.partial(_then_keep_background, step, keeper, i)
             latents = self._phase(step, should_cancel)
@@ -207,6 +227,7 @@ class SPRunner:
                     progress(i + 1, schedule.num_steps)
                 except Exception:  # reporting must not desynchronise rank 0 from the others
                     log.exception("progress callback failed")
+        run.finish()
         return latents
 
     def _step(
@@ -215,14 +236,14 @@ class SPRunner:
         i: int,
         latents: torch.Tensor,
         received: dict[str, torch.Tensor | None],
-        identity: IdentityCache | None,
-        guidance: float,
+        run: ExpertRun[ShardedDiT],
     ) -> torch.Tensor:
-        """One denoising step on every rank: latents [B, C, F, H, W] → the next latents."""
+        """One denoising step on every rank with the step's expert: latents [B, C, F, H, W] →
+        the next latents. The expert's first step builds its identity cache (a switch)."""
         t = schedule.timestep(i).to(latents.device).expand(latents.shape[0])
-        velocity = self._velocity(
-            latents, t, received["context"], received["negative_context"], identity, guidance
-        )
+        expert = run.step(i)
+        ctx, neg = received["context"], received["negative_context"]
+        velocity = self._velocity(latents, t, ctx, neg, expert.identity, expert.guidance, expert.model)
         return schedule.step(velocity, i, latents)
 
     def _velocity(
@@ -233,15 +254,18 @@ class SPRunner:
         negative: torch.Tensor | None,
         identity: IdentityCache | None,
         guidance: float,
+        dit: ShardedDiT | None = None,
     ) -> torch.Tensor:
-        """CFG-combined velocity [B, C_out, F, H, W], the same on every rank."""
+        """CFG-combined velocity [B, C_out, F, H, W], the same on every rank (`dit`: the step's
+        expert, default the runner's one DiT)."""
+        dit = dit or self.dit
         if self.mesh.config.cfg == 2:
             # Half 0 runs the positive pass, half 1 the negative; one exchange combines them.
             ctx = context if self.mesh.cfg_index == 0 or negative is None else negative
-            mine = self.dit(latents, t, ctx, identity)
+            mine = dit(latents, t, ctx, identity)
             pos, neg = self.comm.all_gather(mine, self.mesh.cfg_group, 2).unbind(0)
             return pos if guidance == 1.0 else combine_guidance(pos, neg, guidance)
-        call = functools.partial(self.dit, identity=identity)
+        call = functools.partial(dit, identity=identity)
         return guided_velocity(call, latents, t, context, negative, guidance)
 
     # -- agreement --------------------------------------------------------------------------
@@ -338,6 +362,12 @@ class SPRunner:
             raise InvalidRequestError(f"guidance must be a finite number, got {request.guidance!r}")
         if request.guidance != 1.0 and request.negative_context is None:
             raise InvalidRequestError("guidance != 1 needs a negative_context")
+        low = request.guidance_low
+        bad_low = isinstance(low, bool) or not isinstance(low, (int, float)) or not math.isfinite(low)
+        if low is not None and bad_low:
+            raise InvalidRequestError(f"guidance_low must be a finite number, got {low!r}")
+        if low not in (None, 1.0) and request.negative_context is None:
+            raise InvalidRequestError("guidance_low != 1 needs a negative_context")
         # Raises InvalidRequestError for bad num_steps / shift / strength.
         schedule = FlowMatchSchedule(
             request.num_steps, shift=request.shift, denoising_strength=request.denoising_strength

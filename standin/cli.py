@@ -16,6 +16,7 @@ from tqdm import tqdm
 from standin import convert
 from standin.config import DTYPES
 from standin.errors import StandInError
+from standin.experts import EXPERT_RESIDENCIES, SAMPLING_OPTIONS
 from standin.face import FaceConfig, FacePreprocessor
 from standin.face_swap_command import add_face_swap_arguments, run_face_swap
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams, StandInPipeline
@@ -40,15 +41,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     gen.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
     gen.add_argument("--checkpoint-dir", type=Path, help="Wan2.1 checkpoint directory (real presets)")
     gen.add_argument(
-        "--standin-checkpoint", type=Path, help="Stand-In LoRA file (default: in --checkpoint-dir)"
+        "--standin-checkpoint",
+        type=Path,
+        help="Stand-In LoRA file (default: in --checkpoint-dir); two-expert presets: the high-noise expert's",
     )
+    add_expert_arguments(gen)
     gen.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT)
     gen.add_argument("--width", type=int, help="video width, multiple of 16 (preset default)")
     gen.add_argument("--height", type=int, help="video height, multiple of 16 (preset default)")
     gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (preset default)")
     gen.add_argument("--steps", type=int, help="denoising steps (preset default)")
-    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    gen.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift")
+    gen.add_argument(
+        "--guidance", type=float, default=5.0, action=_Explicit, help="classifier-free guidance scale"
+    )
+    gen.add_argument("--shift", type=float, default=5.0, action=_Explicit, help="flow-matching sigma shift")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--cfg-mode", choices=["separate", "batched"], default="separate")
     gen.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frames per second of the MP4")
@@ -79,22 +85,80 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     return parser, sub
 
 
-def generate(args: argparse.Namespace) -> Path:
-    if getattr(args, "video", None) is not None:
-        return run_face_swap(args)
+class _Explicit(argparse.Action):
+    """Stores the value and remembers that the user gave it (a named sampling option yields)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[no-untyped-def]
+        setattr(namespace, self.dest, values)
+        namespace.explicit = getattr(namespace, "explicit", set()) | {self.dest}
+
+
+def add_expert_arguments(gen: argparse.ArgumentParser) -> None:
+    """Options of the two-expert presets (Wan2.2 A14B, tiny-a14b)."""
+    gen.add_argument(
+        "--standin-low-checkpoint",
+        type=Path,
+        help="two-expert presets: the low-noise expert's Stand-In file (default: in --checkpoint-dir)",
+    )
+    gen.add_argument(
+        "--sampling",
+        choices=sorted(SAMPLING_OPTIONS),
+        help="two-expert presets: named defaults; standin: 20 steps, shift 5, guidance 5/5; "
+        "wan2.2: 40 steps, shift 12, guidance 4 (high) / 3 (low). Explicit flags win",
+    )
+    gen.add_argument(
+        "--guidance-low",
+        type=float,
+        help="two-expert presets: the low-noise expert's guidance (default: --guidance)",
+    )
+    gen.add_argument(
+        "--expert-residency",
+        choices=EXPERT_RESIDENCIES,
+        default="resident",
+        help="two-expert presets: both DiTs on the device, or the idle one in (pinned) host memory",
+    )
+
+
+def generation_params(args: argparse.Namespace) -> GenerationParams:
+    """The request of a `generate` command line: the preset's defaults, a two-expert preset's
+    named sampling option (`--sampling`), then the flags the user gave."""
     preset = get_preset(args.preset)
-    params = GenerationParams(
+    option = SAMPLING_OPTIONS[args.sampling] if getattr(args, "sampling", None) else None
+    guidance_low = getattr(args, "guidance_low", None)
+    if preset.experts is None and (option is not None or guidance_low is not None):
+        raise SystemExit(
+            "error: --sampling and --guidance-low apply to two-expert presets "
+            f"({', '.join(n for n in sorted(PRESETS) if PRESETS[n].experts)}), not {preset.name}"
+        )
+    explicit = getattr(args, "explicit", set())
+    guidance, shift, steps = args.guidance, args.shift, args.steps
+    if option is not None:
+        guidance = guidance if "guidance" in explicit else option.guidance_high
+        shift = shift if "shift" in explicit else option.shift
+        steps = steps or option.num_steps
+        if guidance_low is None and "guidance" not in explicit:
+            guidance_low = option.guidance_low
+    if preset.experts is not None and guidance_low is None:
+        guidance_low = guidance
+    return GenerationParams(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         width=args.width or preset.width,
         height=args.height or preset.height,
         num_frames=args.frames or preset.num_frames,
-        num_steps=args.steps or preset.num_steps,
-        guidance_scale=args.guidance,
-        shift=args.shift,
+        num_steps=steps or preset.num_steps,
+        guidance_scale=guidance,
+        shift=shift,
         seed=args.seed,
         cfg_mode=args.cfg_mode,
+        guidance_scale_low=guidance_low,
     )
+
+
+def generate(args: argparse.Namespace) -> Path:
+    if getattr(args, "video", None) is not None:
+        return run_face_swap(args)
+    params = generation_params(args)
     params.validate()  # fail before loading any model
     styles = load_lora_args(args.lora, get_preset(args.preset).dit)  # checked before loading too
     reference = None
@@ -119,6 +183,8 @@ def generate(args: argparse.Namespace) -> Path:
         standin_checkpoint=args.standin_checkpoint,
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
+        standin_low_checkpoint=args.standin_low_checkpoint,
+        expert_residency=args.expert_residency,
     )
     log.info("loaded %s in %.1fs on %s", args.preset, time.perf_counter() - started, pipe.device)
     with tqdm(total=params.num_steps, desc="denoising", unit="step", file=sys.stderr) as bar:

@@ -388,6 +388,12 @@ class ExpertRun(Generic[M]):
     def guidance_for(self, name: str) -> float:
         return self._guidance[name]
 
+    def finish(self) -> None:
+        """The request is done: drop its cache and start bringing the first expert back (offload),
+        so the swap overlaps whatever happens before the next request."""
+        self._identity = None
+        self.experts.residency.prefetch(self.experts.names[0])
+
 
 def expert_adapters(high: LinearAdapters | None, low: LinearAdapters | None) -> dict[str, Any]:
     """A style's high/low pair as `ExpertAdapters` (each expert gets its own object)."""

@@ -23,6 +23,7 @@ import torch
 from standin.checkpoints import load_wan_dit, shard_files
 from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, CheckpointError, InvalidRequestError
+from standin.experts import HIGH, ExpertRun, ExpertSet, Residency
 from standin.forward_plan import LinearAdapters
 from standin.guidance import guided_velocity
 from standin.presets import (
@@ -38,6 +39,7 @@ from standin.scheduler import FlowMatchSchedule
 from standin.text_encoder import TextEncoder
 from standin.tiny_weights import TINY_WEIGHTS, load_tiny_weights
 from standin.vae import WanVAE, load_wan_vae
+from standin.wan22 import load_two_experts, standin_paths, tiny_two_experts
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class GenerationParams:
     num_steps: int = 20
     guidance_scale: float = 5.0
     shift: float = 5.0
+    # two-expert models (Wan2.2 A14B): the low-noise expert's scale (None: guidance_scale, which
+    # is then the high-noise expert's); ignored by one-DiT models
+    guidance_scale_low: float | None = None
     seed: int = 0
     # "separate": two DiT passes per step (positive, negative); "batched": one pass of batch 2.
     cfg_mode: Literal["separate", "batched"] = "separate"
@@ -101,6 +106,9 @@ class GenerationParams:
         g = self.guidance_scale
         if not _is_real(g) or not 0 <= g <= 50:
             raise InvalidRequestError(f"guidance_scale must be a number in [0, 50], got {g!r}")
+        g = self.guidance_scale_low
+        if g is not None and (not _is_real(g) or not 0 <= g <= 50):
+            raise InvalidRequestError(f"guidance_scale_low must be a number in [0, 50], got {g!r}")
         if not _is_real(self.shift) or not 0 < self.shift <= 100:
             raise InvalidRequestError(f"shift must be a number in (0, 100], got {self.shift!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
@@ -167,6 +175,8 @@ class DenoiseInputs:
     schedule: FlowMatchSchedule
     guidance_scale: float
     cfg_mode: str = "separate"
+    # two-expert models: the low-noise expert's guidance (None: guidance_scale)
+    guidance_low: float | None = None
     # the request's style LoRAs (a `standin.styles.StyleSet`), applied unmerged in every DiT call
     # and in the identity cache; None: the base model
     adapters: LinearAdapters | None = None
@@ -194,6 +204,7 @@ class DenoiseInputs:
             schedule=FlowMatchSchedule(params.num_steps, shift=params.shift),
             guidance_scale=params.guidance_scale,
             cfg_mode=params.cfg_mode,
+            guidance_low=params.guidance_scale_low,
             adapters=adapters,
         )
 
@@ -201,11 +212,20 @@ class DenoiseInputs:
 class StandInPipeline:
     """DiT + VAE + text encoder on one device. Holds weights only; every call is independent."""
 
-    def __init__(self, dit: WanDiT, vae: WanVAE, text_encoder: TextEncoder, preset: ModelPreset) -> None:
+    def __init__(
+        self,
+        dit: WanDiT,
+        vae: WanVAE,
+        text_encoder: TextEncoder,
+        preset: ModelPreset,
+        experts: ExpertSet | None = None,
+    ) -> None:
+        # experts: a two-expert model's DiTs (standin/experts.py); `dit` is then the high-noise one
         self.dit = dit
         self.vae = vae
         self.text_encoder = text_encoder
         self.preset = preset
+        self.experts = experts
 
     @property
     def device(self) -> torch.device:
@@ -222,14 +242,21 @@ class StandInPipeline:
         standin_checkpoint: Path | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        standin_low_checkpoint: Path | None = None,
+        expert_residency: Residency = "resident",
     ) -> StandInPipeline:
         """Build a pipeline. `tiny` loads the trained weights shipped in the package; real
         presets load a Wan2.1 checkpoint directory (+ Stand-In's LoRA file, looked up there by
-        default).
+        default). Two-expert presets (Wan2.2 A14B): `standin_checkpoint` is the high-noise
+        expert's file, `standin_low_checkpoint` the low-noise one's; `expert_residency` keeps
+        both on the device or the idle one in host memory (standin/experts.py).
         Defaults: CUDA and bf16 when a GPU is present, else CPU and float32 (VAE stays float32)."""
         preset = name if isinstance(name, ModelPreset) else get_preset(name)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if preset.experts is not None:
+            standin = (standin_checkpoint, standin_low_checkpoint)
+            return cls._two_experts(preset, checkpoint_dir, standin, device, dtype, expert_residency)
         if not preset.needs_checkpoint:
             return cls._shipped(preset, device, dtype)
         if checkpoint_dir is None:
@@ -257,6 +284,33 @@ class StandInPipeline:
         seed = meta.get("text_encoder_seed", 0)
         text = TextEncoder.tiny(seed, dtype=dtype, device=device, config=preset.text)
         return cls(dit, vae, text, preset)
+
+    @classmethod
+    def _two_experts(
+        cls,
+        preset: ModelPreset,
+        checkpoint_dir: Path | None,
+        standin: tuple[Path | None, Path | None],
+        device: torch.device,
+        dtype: torch.dtype,
+        residency: Residency,
+    ) -> StandInPipeline:
+        """A two-expert preset: tiny-a14b from the shipped weights, Wan2.2 from its directory."""
+        if not preset.needs_checkpoint:
+            experts, vae, meta = tiny_two_experts(preset, device, dtype, residency)
+            seed = meta.get("text_encoder_seed", 0)
+            text = TextEncoder.tiny(seed, dtype=dtype, device=device, config=preset.text)
+        else:
+            if checkpoint_dir is None:
+                raise CheckpointError(
+                    f"preset {preset.name} needs --checkpoint-dir (a Wan2.2-T2V-A14B checkpoint directory)"
+                )
+            checkpoint_dir = Path(checkpoint_dir)
+            files = standin_paths(checkpoint_dir, preset.experts, *standin)
+            experts, vae, text = load_two_experts(
+                checkpoint_dir, preset, standin=files, dtype=dtype, device=device, residency=residency
+            )
+        return cls(experts.residency.activate(HIGH), vae, text, preset, experts)
 
     # -- the stages ---------------------------------------------------------------------
 
@@ -290,28 +344,53 @@ class StandInPipeline:
         start = inputs.noise if inputs.start_latents is None else inputs.start_latents
         latents = start.to(self.device, torch.float32)
 
-        def make_cache() -> IdentityCache | None:
+        def make_cache(dit: WanDiT, adapters: LinearAdapters | None) -> IdentityCache | None:
             if inputs.identity_latents is None:
                 return None
             ident = inputs.identity_latents.to(self.device)
-            return self.dit.identity_cache(ident, latents.shape, adapters=inputs.adapters)
+            return dit.identity_cache(ident, latents.shape, adapters=adapters)
 
-        cache = make_cache() if reuse_identity_cache else None
         schedule = inputs.schedule
-        for i in range(len(schedule)):
-            if should_cancel is not None and should_cancel():
-                raise CancelledError(f"cancelled before step {i + 1} of {len(schedule)}")
-            t = schedule.timestep(i).to(self.device).expand(latents.shape[0])
-            identity = cache if reuse_identity_cache else make_cache()
-            call = functools.partial(self.dit, identity=identity, adapters=inputs.adapters)
-            ctx, neg = inputs.context, inputs.negative_context
-            velocity = guided_velocity(call, latents, t, ctx, neg, inputs.guidance_scale, inputs.cfg_mode)
-            latents = schedule.step(velocity, i, latents)
-            if inputs.after_step is not None:
-                latents = inputs.after_step(latents, i)
-            if progress is not None:
-                progress(i + 1, len(schedule))
+        # The expert of each step and its identity cache (one "base" expert for Wan2.1 models).
+        experts = self.experts or ExpertSet.single(self.dit)
+        with experts.request():
+            run = ExpertRun(
+                experts,
+                schedule,
+                make_cache if reuse_identity_cache else lambda dit, adapters: None,
+                guidance=inputs.guidance_scale,
+                guidance_low=inputs.guidance_low,
+                adapters=inputs.adapters,
+            )
+            for i in range(len(schedule)):
+                latents = self._step(run, i, latents, inputs, should_cancel, reuse_identity_cache, make_cache)
+                if inputs.after_step is not None:
+                    latents = inputs.after_step(latents, i)
+                if progress is not None:
+                    progress(i + 1, len(schedule))
         return latents
+
+    def _step(
+        self,
+        run: ExpertRun[WanDiT],
+        i: int,
+        latents: torch.Tensor,
+        inputs: DenoiseInputs,
+        should_cancel: CancelCheck | None,
+        reuse_identity_cache: bool,
+        make_cache: Callable[[WanDiT, LinearAdapters | None], IdentityCache | None],
+    ) -> torch.Tensor:
+        """Step i of the request with its expert: latents [B, 16, F', H', W'] → the next latents."""
+        schedule = inputs.schedule
+        if should_cancel is not None and should_cancel():
+            raise CancelledError(f"cancelled before step {i + 1} of {len(schedule)}")
+        t = schedule.timestep(i).to(self.device).expand(latents.shape[0])
+        expert = run.step(i)
+        identity = expert.identity if reuse_identity_cache else make_cache(expert.model, expert.adapters)
+        call = functools.partial(expert.model, identity=identity, adapters=expert.adapters)
+        ctx, neg = inputs.context, inputs.negative_context
+        velocity = guided_velocity(call, latents, t, ctx, neg, expert.guidance, inputs.cfg_mode)
+        return schedule.step(velocity, i, latents)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -334,7 +413,7 @@ class StandInPipeline:
         style LoRAs (`standin.styles.StyleSet`, on the model's device), applied unmerged.
         """
         params.validate()
-        use_cfg = params.guidance_scale != 1.0
+        use_cfg = params.guidance_scale != 1.0 or params.guidance_scale_low not in (None, 1.0)
         ctx, neg = self.encode_prompts(params.prompt, params.negative_prompt if use_cfg else None)
         identity = self.encode_identity(identity_image) if identity_image is not None else None
         inputs = DenoiseInputs.for_request(params, ctx, neg, identity, adapters=styles)
