@@ -629,3 +629,42 @@ def test_sequence_parallel_offload_is_bit_identical_to_resident(sp_world):
     assert sp_world[0]["ulysses2_offload"]["latents"] == sp_world[0]["ulysses2"]["latents"]
     # Per rank: the initial load, then low and back to high for each of the two requests.
     assert [r["offload_swaps"] for r in sp_world] == [5, 5]
+
+
+@pytest.mark.slow
+def test_standin_train_trains_one_expert_on_its_timesteps(tmp_path: Path, monkeypatch):
+    import standin.training.trainer as trainer
+    from standin.checkpoints import read_torch_pickle
+    from standin.cli import main
+    from tests.test_training import _write_clip_folder
+
+    drawn: list[torch.Tensor] = []
+    real = trainer.sample_sigmas
+
+    def spy(*args, **kwargs):
+        sigmas = real(*args, **kwargs)
+        drawn.append(sigmas * 1000)
+        return sigmas
+
+    monkeypatch.setattr(trainer, "sample_sigmas", spy)
+    data, out = tmp_path / "clips", tmp_path / "run"
+    _write_clip_folder(data, 2)
+    argv = ["train", "--recipe", "lora", "--preset", "tiny-a14b", "--expert", "low", "--data", str(data)]
+    argv += ["--out", str(out), "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--device", "cpu"]
+    assert main(argv) == 0
+    timesteps = torch.cat(drawn)
+    assert len(drawn) == 3 and timesteps.max() < 875
+    lora = read_torch_pickle(out / "Stand-In_wan2.2_T2V_A14B_low.ckpt", dtype=None)
+    low = StandInPipeline.from_preset("tiny-a14b", device="cpu").experts.residency.activate(LOW)
+    key = "blocks.0.self_attn.k_loras.up.weight"
+    assert set(lora) == {k for k in low.state_dict() if "_loras." in k}
+    assert not torch.equal(lora[key][0], low.state_dict()[key])  # trained from the low expert on
+
+
+def test_train_refuses_a_two_expert_preset_without_expert_and_expert_on_one_dit(tmp_path: Path):
+    from standin.cli import main
+
+    with pytest.raises(SystemExit, match="one expert at a time"):
+        main(["train", "--recipe", "lora", "--preset", "tiny-a14b", "--data", str(tmp_path)])
+    with pytest.raises(SystemExit, match="two-expert presets, not tiny"):
+        main(["train", "--recipe", "lora", "--expert", "high", "--data", str(tmp_path)])

@@ -21,11 +21,14 @@ import torch.distributed as dist
 
 from standin.checkpoints import load_wan_dit
 from standin.dit import WanDiT
+from standin.errors import CheckpointError
+from standin.experts import HIGH, LOW, expert_timestep_range
 from standin.pipeline import WAN_NEGATIVE_PROMPT, StandInPipeline
-from standin.presets import PRESETS, VAE_FILE, get_preset
+from standin.presets import PRESETS, VAE_FILE, ModelPreset, get_preset
 from standin.text_encoder import TextEncoder
 from standin.training.trainer import RECIPES, TrainConfig, add_identity_lora, is_lora, train
 from standin.vae import load_wan_vae
+from standin.wan22 import expert_dirs
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype (default: bfloat16 on GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--device", help="cuda, cpu (default: cuda:LOCAL_RANK if present)")
+    p.add_argument(
+        "--expert",
+        choices=(HIGH, LOW),
+        help="two-expert presets (Wan2.2 A14B, tiny-a14b): train this expert's identity LoRA, on "
+        "timesteps from its range only (high: t >= 875, low: t < 875); one expert per run",
+    )
 
 
 def run_train(args: argparse.Namespace) -> Path:
@@ -75,6 +84,11 @@ def run_train(args: argparse.Namespace) -> Path:
         schedule = StyleSchedule()
         schedule.steps = args.steps or max(1, round(schedule.steps * args.steps_scale))
         return train_style(args.out / STYLE_FILE.name, seed=args.seed, schedule=schedule)
+    preset = get_preset(args.preset)
+    if preset.experts is not None and (args.expert is None or args.data is None):
+        raise SystemExit(f"error: {preset.name} trains one expert at a time: --expert high|low and --data")
+    if preset.experts is None and args.expert is not None:
+        raise SystemExit(f"error: --expert applies to two-expert presets, not {preset.name}")
     if args.data is None:
         if args.preset != "tiny":
             raise SystemExit("error: real presets train on --data (a folder of clips)")
@@ -100,6 +114,8 @@ def _init_distributed(device_arg: str | None) -> torch.device:
 
 def _load_for_training(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> StandInPipeline:
     preset = get_preset(args.preset)
+    if preset.experts is not None:
+        return _load_expert_for_training(args, preset, device, dtype)
     if not preset.needs_checkpoint:
         pipe = StandInPipeline.from_preset(preset, device=device, dtype=torch.float32)
         pipe.dit.to(dtype)
@@ -114,6 +130,39 @@ def _load_for_training(args: argparse.Namespace, device: torch.device, dtype: to
         args.checkpoint_dir, dtype=dtype, device=device, config=preset.text
     )
     return StandInPipeline(dit, vae, text, preset)
+
+
+def _load_expert_for_training(
+    args: argparse.Namespace, preset: ModelPreset, device: torch.device, dtype: torch.dtype
+) -> StandInPipeline:
+    """One expert of a two-expert preset as a one-DiT pipeline: tiny-a14b's shipped expert (its
+    LoRA trains on), or a Wan2.2 expert's base with a fresh identity LoRA (up = 0)."""
+    layout = preset.experts
+    if not preset.needs_checkpoint:
+        pipe = StandInPipeline.from_preset(preset, device=device, dtype=torch.float32)
+        dit = pipe.experts.residency.activate(args.expert).to(dtype)
+        return StandInPipeline(dit, pipe.vae, pipe.text_encoder, preset)
+    if args.checkpoint_dir is None:
+        raise SystemExit(f"error: preset {preset.name} needs --checkpoint-dir")
+    dirs, missing = expert_dirs(args.checkpoint_dir, layout)
+    if any(f"{args.expert}-noise" in m for m in missing):
+        raise CheckpointError("missing checkpoint files:\n  " + "\n  ".join(missing))
+    dit = load_wan_dit(dirs[args.expert], preset.dit, dtype=dtype, device=device)
+    add_identity_lora(dit, preset.dit.lora_rank, seed=args.seed)
+    vae = load_wan_vae(args.checkpoint_dir / VAE_FILE, dtype=torch.float32, device=device, config=preset.vae)
+    text = TextEncoder.from_checkpoint_dir(
+        args.checkpoint_dir, dtype=dtype, device=device, config=preset.text
+    )
+    return StandInPipeline(dit, vae, text, preset)
+
+
+def _expert_training(args: argparse.Namespace) -> tuple[tuple[float, float] | None, str]:
+    """The timestep range and LoRA file name of this run (the whole range and Wan2.1's file
+    unless --expert picks one expert of a two-expert preset)."""
+    layout = get_preset(args.preset).experts
+    if layout is None or args.expert is None:
+        return None, LORA_FILE
+    return expert_timestep_range(args.expert, layout.boundary), layout.standin_file(args.expert)
 
 
 def _train_on_folder(args: argparse.Namespace) -> Path:
@@ -139,18 +188,22 @@ def _train_on_folder(args: argparse.Namespace) -> Path:
         gradient_checkpointing=args.gradient_checkpointing,
         dtype=dtype,
         log_every=10,
+        timestep_range=_expert_training(args)[0],
     )
     train(pipe.dit, source, cfg)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        save_official(pipe.dit, args.out, args.recipe, dtype)
+        save_official(pipe.dit, args.out, args.recipe, dtype, _expert_training(args)[1])
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return args.out
 
 
-def save_official(dit: WanDiT, out: Path, recipe: str, dtype: torch.dtype) -> list[Path]:
-    """The LoRA as Stand-In's pickle (`blocks.{i}.self_attn.{q,k,v}_loras.{down,up}.weight`) and,
+def save_official(
+    dit: WanDiT, out: Path, recipe: str, dtype: torch.dtype, lora_file: str = LORA_FILE
+) -> list[Path]:
+    """The LoRA as Stand-In's pickle (`blocks.{i}.self_attn.{q,k,v}_loras.{down,up}.weight`,
+    named `lora_file`: one Wan2.2 expert's is `Stand-In_wan2.2_T2V_A14B_{high,low}.ckpt`) and,
     when the base trained too, the base DiT as `diffusion_pytorch_model.safetensors`."""
     from safetensors.torch import save_file
 
@@ -159,8 +212,8 @@ def save_official(dit: WanDiT, out: Path, recipe: str, dtype: torch.dtype) -> li
     written = []
     lora = {k: v for k, v in state.items() if is_lora(k)}
     if lora:
-        torch.save(lora, out / LORA_FILE)
-        written.append(out / LORA_FILE)
+        torch.save(lora, out / lora_file)
+        written.append(out / lora_file)
     if recipe != "lora":
         save_file({k: v for k, v in state.items() if not is_lora(k)}, str(out / DIT_FILE))
         written.append(out / DIT_FILE)
