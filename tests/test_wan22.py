@@ -668,3 +668,15 @@ def test_train_refuses_a_two_expert_preset_without_expert_and_expert_on_one_dit(
         main(["train", "--recipe", "lora", "--preset", "tiny-a14b", "--data", str(tmp_path)])
     with pytest.raises(SystemExit, match="two-expert presets, not tiny"):
         main(["train", "--recipe", "lora", "--expert", "high", "--data", str(tmp_path)])
+
+
+def test_memory_plan_keeps_both_experts_resident_when_they_fit_and_the_guide_shows_it():
+    from benchmarks.wan22_plan import choose_residency, wan22_memory, wan22_table
+
+    assert choose_residency("720p", 1, 80) == "offload"  # 81.3 GB with both experts
+    assert choose_residency("480p", 8, 80) == "resident"
+    assert all(choose_residency(s, sp, 141) == "resident" for s in ("480p", "720p") for sp in (1, 2, 4, 8))
+    m = wan22_memory("480p", 8)
+    assert m.total("resident") - m.total("offload") == pytest.approx(m.expert_weights)
+    guide = (Path(__file__).resolve().parents[1] / "cluster" / "README.md").read_text()
+    assert wan22_table() in guide
