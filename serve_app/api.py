@@ -17,7 +17,7 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +26,11 @@ from serve_app.settings import ServeSettings
 from standin.errors import InvalidRequestError
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams
 from standin.presets import get_preset
+from standin.sdedit import DEFAULT_DENOISING_STRENGTH
 from standin.video import DEFAULT_FPS, MAX_FPS
+
+if TYPE_CHECKING:
+    from serve_app.face_swap import VideoUpload
 
 NATIVE_FPS = 16  # Wan2.1 generates at 16 frames per second; `seconds` counts at this rate
 
@@ -70,6 +74,10 @@ class VideoRequest:
     subject: str
     fps: float
     model: str
+    # face swap: the input video (+ mask) and the SDEdit options; None: text-to-video
+    video: VideoUpload | None = None
+    denoising_strength: float | None = None
+    background_consistency: bool = False
 
     def to_job_request(self) -> dict[str, Any]:
         p = self.params
@@ -86,6 +94,11 @@ class VideoRequest:
             "fps": self.fps,
             "subject": self.subject,
             "has_reference": self.image is not None,
+            "mode": "text_to_video" if self.video is None else "face_swap",
+            "has_video": self.video is not None,
+            "has_mask": self.video is not None and self.video.mask is not None,
+            "denoising_strength": self.denoising_strength,
+            "background_consistency": self.background_consistency,
         }
 
 
@@ -117,6 +130,10 @@ _FIELDS = {
     "subject",
     "shift",
     "input_reference",
+    "input_video",
+    "input_mask",
+    "denoising_strength",
+    "background_consistency",
 }
 
 
@@ -229,9 +246,15 @@ def sniff_image(data: bytes) -> str | None:
 
 
 def parse_video_request(
-    fields: dict[str, Any], image: bytes | None, settings: ServeSettings, *, form: bool
+    fields: dict[str, Any],
+    image: bytes | None,
+    settings: ServeSettings,
+    *,
+    form: bool,
+    video: VideoUpload | None = None,
 ) -> VideoRequest:
-    """Validate POST /v1/videos fields (multipart: strings; JSON: typed values)."""
+    """Validate POST /v1/videos fields (multipart: strings; JSON: typed values). `video`: a face
+    swap's uploads, already checked (`serve_app.face_swap.check_video_upload`)."""
     for name in fields:
         check_text(name, "field name")
     unknown = sorted(set(fields) - _FIELDS)
@@ -311,6 +334,10 @@ def parse_video_request(
             code="frames_out_of_range",
         )
 
+    strength, consistency = _face_swap_options(fields, form, video is not None)
+    if video is not None:
+        width, height, frames, fps = _face_swap_shape(fields, image, video, settings)
+
     steps = _int(fields, "num_inference_steps", form)
     steps = preset.num_steps if steps is None else steps
     if not 1 <= steps <= settings.max_steps:
@@ -342,7 +369,88 @@ def parse_video_request(
         params.validate()
     except InvalidRequestError as exc:
         raise APIError(422, str(exc), param=_api_param(str(exc))) from None
-    return VideoRequest(params=params, image=image, subject=subject, fps=fps, model=model)
+    return VideoRequest(
+        params=params,
+        image=image,
+        subject=subject,
+        fps=fps,
+        model=model,
+        video=video,
+        denoising_strength=strength,
+        background_consistency=consistency,
+    )
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off", "")
+
+
+def _face_swap_options(fields: dict[str, Any], form: bool, has_video: bool) -> tuple[float | None, bool]:
+    """denoising_strength (in (0, 1], default 0.85) and background_consistency (a boolean; a
+    string only in multipart, and only true/false/1/0/yes/no/on/off), given input_video."""
+    strength = _float(fields, "denoising_strength", form)
+    raw = fields.get("background_consistency")
+    if raw is None or raw is False:
+        consistency = False
+    elif raw is True:
+        consistency = True
+    elif (form or isinstance(raw, str)) and str(raw).strip().lower() in _TRUE + _FALSE:
+        consistency = str(raw).strip().lower() in _TRUE
+    else:
+        raise APIError(
+            400, f"background_consistency must be true or false, got {raw!r}", param="background_consistency"
+        )
+    if not has_video:
+        if strength is not None or consistency:
+            name = "denoising_strength" if strength is not None else "background_consistency"
+            raise APIError(400, f"{name} applies to face swap: send input_video too", param=name)
+        return None, False
+    if strength is None:
+        strength = DEFAULT_DENOISING_STRENGTH
+    if not 0 < strength <= 1:
+        raise APIError(
+            422, f"denoising_strength must be in (0, 1], got {strength:g}", param="denoising_strength"
+        )
+    return strength, consistency
+
+
+def _face_swap_shape(
+    fields: dict[str, Any], image: bytes | None, video: VideoUpload, settings: ServeSettings
+) -> tuple[int, int, int, float]:
+    """(width, height, num_frames, fps) of a face swap: the input video's, within the limits."""
+    for name in ("size", "seconds", "num_frames", "fps"):
+        if fields.get(name) not in (None, ""):
+            raise APIError(
+                400, f"{name}: with input_video the size, frame count and fps come from the video", param=name
+            )
+    if image is None:
+        raise APIError(
+            400,
+            "input_video needs input_reference: the face to put into the video",
+            param="input_reference",
+            code="missing_required_parameter",
+        )
+    width, height, frames = video.width, video.height, video.num_frames
+    if width > settings.max_width or height > settings.max_height:
+        raise APIError(
+            422,
+            f"input_video is {width}x{height} after cropping to multiples of 16; this server generates "
+            f"at most {settings.max_width}x{settings.max_height}",
+            param="input_video",
+            code="unsupported_size",
+        )
+    if frames > settings.max_frames:
+        raise APIError(
+            422,
+            f"input_video gives {frames} frames (the largest 4k+1); this server generates at most "
+            f"{settings.max_frames}",
+            param="input_video",
+            code="frames_out_of_range",
+        )
+    fps = video.header.fps or DEFAULT_FPS
+    if not 0 < fps <= MAX_FPS:
+        raise APIError(400, f"input_video: frame rate {fps:g} is not supported", param="input_video")
+    return width, height, frames, fps
 
 
 def _api_param(message: str) -> str | None:
@@ -394,6 +502,10 @@ def video_object(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "guidance_scale": r["guidance_scale"],
         "subject": r["subject"],
         "has_reference": r["has_reference"],
+        "mode": r.get("mode", "text_to_video"),
+        "denoising_strength": r.get("denoising_strength"),
+        "background_consistency": r.get("background_consistency", False),
+        "has_mask": r.get("has_mask", False),
         "frames_sha256": job.frames_sha256,
         "error": None,
     }
@@ -431,6 +543,10 @@ class ImageURL(BaseModel):
     image_url: str = Field(description="a data: URL (data:image/png;base64,…); remote URLs are refused")
 
 
+class VideoURL(BaseModel):
+    video_url: str = Field(description="a data: URL (data:video/mp4;base64,…); remote URLs are refused")
+
+
 class _VideoFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -452,6 +568,14 @@ class CreateVideoJSON(_VideoFields):
     shift: float | None = None
     fps: float | None = None
     input_reference: ImageURL | str | None = Field(None, description="the identity image as a data URL")
+    input_video: VideoURL | str | None = Field(
+        None, description="face swap: the video (MP4/MOV/MKV/WebM) as a data URL; remote URLs are refused"
+    )
+    input_mask: VideoURL | str | None = Field(None, description="face swap: a mask video (white = face)")
+    denoising_strength: float | None = Field(None, description="face swap: SDEdit strength in (0, 1]")
+    background_consistency: bool | None = Field(
+        None, description="face swap: keep the input outside the mask"
+    )
 
 
 class CreateVideoForm(_VideoFields):
@@ -469,6 +593,18 @@ class CreateVideoForm(_VideoFields):
         description="the identity image file (JPEG, PNG, WebP, AVIF)",
         json_schema_extra={"format": "binary"},
     )
+    input_video: bytes | None = Field(
+        None,
+        description="face swap: the video file (MP4/MOV/MKV/WebM)",
+        json_schema_extra={"format": "binary"},
+    )
+    input_mask: bytes | None = Field(
+        None,
+        description="face swap: a mask video file (white = face)",
+        json_schema_extra={"format": "binary"},
+    )
+    denoising_strength: str | None = None
+    background_consistency: str | None = None
 
 
 class ErrorDetail(BaseModel):
@@ -510,6 +646,12 @@ class Video(BaseModel):
     guidance_scale: float
     subject: str
     has_reference: bool
+    mode: Literal["text_to_video", "face_swap"] = Field(
+        description="face_swap: the input video with the reference's face (size, frames, fps are its)"
+    )
+    denoising_strength: float | None = Field(description="face swap: where SDEdit started")
+    background_consistency: bool
+    has_mask: bool = Field(description="face swap: the client's mask video was used")
     frames_sha256: str | None
     error: VideoError | None
 
@@ -528,4 +670,13 @@ class VideoDeleted(BaseModel):
     deleted: bool
 
 
-OPENAPI_MODELS = (CreateVideoJSON, CreateVideoForm, ImageURL, ErrorResponse, ErrorDetail, Video, VideoError)
+OPENAPI_MODELS = (
+    CreateVideoJSON,
+    CreateVideoForm,
+    ImageURL,
+    VideoURL,
+    ErrorResponse,
+    ErrorDetail,
+    Video,
+    VideoError,
+)

@@ -47,6 +47,7 @@ from parallel import (
     load_once_per_node,
 )
 from parallel.rendezvous import free_port
+from serve_app.face_swap import denoise_request_fields
 from serve_app.jobs import AsyncJobStore, open_job_store
 from serve_app.models import device_of, load_dit
 from serve_app.settings import ServeSettings
@@ -269,8 +270,11 @@ class DiTReplica:
         cancel: threading.Event,
     ) -> torch.Tensor:
         use_cfg = params.guidance_scale != 1.0
+        face_swap = conditioning.get("face_swap")
+        # a face swap starts from its input video's noised latents (+ background consistency)
+        start = denoise_request_fields(face_swap) if face_swap else {"latents": initial_noise(params)}
         request = DenoiseRequest(
-            latents=initial_noise(params),
+            **start,
             context=conditioning["context"],  # type: ignore[arg-type]
             negative_context=conditioning.get("negative_context") if use_cfg else None,
             identity_latents=conditioning.get("identity_latents"),

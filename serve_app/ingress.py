@@ -45,9 +45,10 @@ from serve_app.api import (
     sniff_image,
     video_object,
 )
+from serve_app.face_swap import VIDEO_FIELDS, decode_video_data_url, video_upload
 from serve_app.jobs import AsyncJobStore, Job, JobStore, open_job_store
 from serve_app.metrics import JobMetrics
-from serve_app.results import ResultStore, job_keys, reference_key
+from serve_app.results import ResultStore, input_mask_key, input_video_key, job_keys, reference_key
 from serve_app.settings import ServeSettings
 from standin.errors import InvalidImageError
 from standin.image_io import ImageLimits, decode_image
@@ -145,8 +146,9 @@ def _owner(settings: ServeSettings, request: Request) -> str | None:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], bytes | None]:
-    """Parse an already size-checked multipart body → (text fields, input_reference bytes)."""
+async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], bytes | None, dict[str, bytes]]:
+    """Parse an already size-checked multipart body → (text fields, input_reference bytes,
+    {"input_video"/"input_mask": bytes} of a face swap)."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -158,16 +160,21 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], byt
 
     copy = Request(request.scope, replay)
     try:
-        form = await copy.form(max_files=1, max_fields=32)
+        form = await copy.form(max_files=1 + len(VIDEO_FIELDS), max_fields=32)
     except Exception:  # malformed multipart (the parser's message may quote raw bytes)
         raise APIError(400, "malformed multipart body") from None
     fields: dict[str, Any] = {}
     image: bytes | None = None
+    videos: dict[str, bytes] = {}
     for name, value in form.multi_items():
         check_text(name, "field name")
-        if name in fields or (name == "input_reference" and image is not None):
+        if name in fields or name in videos or (name == "input_reference" and image is not None):
             raise APIError(400, f"field {name!r} given twice", param=name)
-        if isinstance(value, str):
+        if isinstance(value, str) and name in VIDEO_FIELDS:
+            raise APIError(400, f"{name} must be a file part (or use JSON with a data URL)", param=name)
+        if not isinstance(value, str) and name in VIDEO_FIELDS:
+            videos[name] = await value.read()
+        elif isinstance(value, str):
             if name == "input_reference":
                 raise APIError(
                     400,
@@ -180,7 +187,7 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], byt
         else:
             image = await value.read()
     await form.close()
-    return fields, image
+    return fields, image, videos
 
 
 def _check_image(data: bytes, max_bytes: int) -> None:
@@ -324,13 +331,19 @@ class Ingress:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
         job = Job(id=new_job_id(), owner=owner, model=video.model, request=video.to_job_request())
-        if video.image is not None:  # large inputs live in the results store, not the job store
-            await asyncio.to_thread(self.results.put, reference_key(job.id), video.image)
+        uploads = {reference_key(job.id): video.image}
+        if video.video is not None:  # a face swap's video (and mask)
+            uploads[input_video_key(job.id)] = video.video.video
+            uploads[input_mask_key(job.id)] = video.video.mask
+        uploads = {key: data for key, data in uploads.items() if data is not None}
+        # large inputs live in the results store, not the job store
+        for key, data in uploads.items():
+            await asyncio.to_thread(self.results.put, key, data)
         try:
             await self.store.create(job)
         except BaseException:
-            if video.image is not None:  # no job row: the upload must not linger
-                await asyncio.to_thread(self.results.delete, reference_key(job.id))
+            for key in uploads:  # no job row: the uploads must not linger
+                await asyncio.to_thread(self.results.delete, key)
             raise
         self.metrics.job_accepted()
         log.info("accepted %s", job.id)
@@ -461,7 +474,8 @@ class Ingress:
 
     async def _parse(self, request: Request) -> VideoRequest:
         s = self.settings
-        limit = s.max_upload_bytes * 4 // 3 + BODY_OVERHEAD
+        # a face swap's video and mask ride in the same body (base64 in JSON)
+        limit = (s.max_upload_bytes + 2 * s.max_video_bytes) * 4 // 3 + BODY_OVERHEAD
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
@@ -484,13 +498,19 @@ class Ingress:
             ref = fields.pop("input_reference", None)
             if ref is not None:
                 image = decode_data_url(ref, s.max_upload_bytes)
+            videos = {
+                name: decode_video_data_url(value, s.max_video_bytes, name)
+                for name in VIDEO_FIELDS
+                if (value := fields.pop(name, None)) is not None
+            }
             form = False
         else:
-            fields, image = await _read_form(request, bytes(body))
+            fields, image, videos = await _read_form(request, bytes(body))
             form = True
         if image is not None:
             await asyncio.to_thread(_check_image, image, s.max_upload_bytes)
-        return parse_video_request(fields, image, s, form=form)
+        upload = await asyncio.to_thread(video_upload, videos.get("input_video"), videos.get("input_mask"), s)
+        return parse_video_request(fields, image, s, form=form, video=upload)
 
     async def _visible(self, video_id: str, owner: str | None) -> Job:
         job = await self.store.get(video_id)

@@ -1,4 +1,5 @@
-"""Preprocessor deployment: face photo → identity latents; prompts → umT5 contexts.
+"""Preprocessor deployment: face photo → identity latents; prompts → umT5 contexts; a face
+swap's input video → its SDEdit start latents (decoded, pasted, VAE-encoded; not cached).
 
 Both are cached by content hash (bounded LRU): a client that sends the same face or prompt
 again skips detection, parsing and encoding. Cached tensors are never mutated downstream.
@@ -15,9 +16,11 @@ from typing import Any, Generic, TypeVar
 import torch
 from ray import serve
 
+from serve_app.face_swap import encode_face_swap
 from serve_app.models import device_of, load_encoders
 from serve_app.settings import ServeSettings
 from standin.face import FaceConfig, FacePreprocessor
+from standin.face_swap_request import FaceSwapOptions
 from standin.image_io import ImageLimits
 from standin.pipeline import reference_video
 from standin.presets import get_preset
@@ -93,23 +96,50 @@ class Preprocessor:
         self._lock = asyncio.Lock()
 
     async def encode(
-        self, prompt: str, negative_prompt: str | None, image: bytes | None, subject: str = "face"
-    ) -> dict[str, torch.Tensor | None]:
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        image: bytes | None,
+        subject: str = "face",
+        face_swap: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """→ {"context": [1, L, D], "negative_context": [1, L, D] | None,
-        "identity_latents": [1, 16, 1, 64, 64] | None}. Raises InvalidImageError for a bad photo."""
+        "identity_latents": [1, 16, 1, 64, 64] | None}. Raises InvalidImageError for a bad photo.
+
+        `face_swap` ({"params", "video", "mask", "denoising_strength", "background_consistency"})
+        adds "face_swap": the decoded, pasted and encoded input video
+        (`serve_app.face_swap.encode_face_swap`); InvalidVideoError for a bad video."""
         async with self._lock:
-            return await asyncio.to_thread(self._encode, prompt, negative_prompt, image, subject)
+            return await asyncio.to_thread(self._encode, prompt, negative_prompt, image, subject, face_swap)
 
     def _encode(
-        self, prompt: str, negative_prompt: str | None, image: bytes | None, subject: str
-    ) -> dict[str, torch.Tensor | None]:
-        out: dict[str, torch.Tensor | None] = {
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        image: bytes | None,
+        subject: str,
+        face_swap: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "context": self._prompt(prompt),
             "negative_context": None if negative_prompt is None else self._prompt(negative_prompt),
             "identity_latents": None,
         }
         if image is not None:
             out["identity_latents"] = self._identity(image, subject)
+        if face_swap is not None and image is not None:
+            options = FaceSwapOptions(face_swap["denoising_strength"], face_swap["background_consistency"])
+            out["face_swap"] = encode_face_swap(
+                self.faces[subject],
+                self.vae,
+                self.device,
+                face_swap["params"],
+                options,
+                face_swap["video"],
+                image,
+                face_swap["mask"],
+                self.settings,
+            )
         return out
 
     @torch.no_grad()

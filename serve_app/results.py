@@ -1,7 +1,8 @@
 """Where finished videos and a job's large inputs live: a local directory by default, or any
 fsspec URL (s3://…, gs://…). The job store holds only their keys.
 
-Keys: `<job id>.reference` (the upload, written before the job is accepted),
+Keys: `<job id>.reference` (the upload, written before the job is accepted; a face swap's
+`<job id>.video` and `<job id>.mask` too),
 `<job id>.a<attempt>.conditioning` (the encoded prompt/face) and `<job id>.a<attempt>.mp4`. A run
 writes only under its own attempt's keys and then publishes a key by a fenced write of the job
 row, so a stale run can never overwrite what another attempt published. Writes go to a temporary
@@ -29,6 +30,15 @@ def reference_key(job_id: str) -> str:
     return f"{job_id}.reference"
 
 
+def input_video_key(job_id: str) -> str:
+    """A face swap's uploaded video (and `input_mask_key`: its mask video)."""
+    return f"{job_id}.video"
+
+
+def input_mask_key(job_id: str) -> str:
+    return f"{job_id}.mask"
+
+
 def conditioning_key(job_id: str, attempt: int) -> str:
     return f"{job_id}.a{attempt}.conditioning"
 
@@ -40,6 +50,8 @@ def video_key(job_id: str, attempt: int) -> str:
 def job_keys(job: Job) -> list[str]:
     """Every key a job has published: its upload, its conditioning, its video."""
     keys = [reference_key(job.id)] if job.request.get("has_reference") else []
+    keys += [input_video_key(job.id)] if job.request.get("has_video") else []
+    keys += [input_mask_key(job.id)] if job.request.get("has_mask") else []
     return keys + [k for k in (job.conditioning_key, job.result_key) if k]
 
 

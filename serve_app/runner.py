@@ -35,11 +35,20 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import jobs
 from serve_app.api import params_from_job
+from serve_app.face_swap import swapped_params
 from serve_app.jobs import AsyncJobStore, Job, Lease, open_job_store
 from serve_app.metrics import JobMetrics
-from serve_app.results import ResultStore, conditioning_key, job_keys, reference_key, video_key
+from serve_app.results import (
+    ResultStore,
+    conditioning_key,
+    input_mask_key,
+    input_video_key,
+    job_keys,
+    reference_key,
+    video_key,
+)
 from serve_app.settings import ServeSettings
-from standin.errors import InvalidImageError, InvalidRequestError
+from standin.errors import InvalidImageError, InvalidRequestError, InvalidVideoError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,8 @@ def classify_preprocessing_error(exc: BaseException) -> JobFailedError | None:
     cause = getattr(exc, "cause", None) or exc
     if isinstance(cause, InvalidImageError):
         return JobFailedError("invalid_image", public_message(cause))
+    if isinstance(cause, InvalidVideoError):
+        return JobFailedError("invalid_video", public_message(cause))
     if isinstance(cause, InvalidRequestError | UnicodeError | ValueError):
         return JobFailedError("invalid_request", public_message(cause))
     return None
@@ -229,6 +240,8 @@ class JobRunner:
     def _delete_inputs(self, job_id: str) -> None:
         """After the fenced finish: the upload and every attempt's conditioning are not needed."""
         self.results.delete(reference_key(job_id))
+        self.results.delete(input_video_key(job_id))
+        self.results.delete(input_mask_key(job_id))
         for attempt in range(1, self.settings.max_attempts + 1):
             self.results.delete(conditioning_key(job_id, attempt))
 
@@ -239,6 +252,10 @@ class JobRunner:
     async def _attempt(self, job: Job, lease: Lease) -> None:
         params = params_from_job(job.request)
         conditioning = await self._conditioning(job, lease, params)
+        fps = float(job.request["fps"])
+        if conditioning.get("face_swap") is not None:  # the decoded video decides size, frames, fps
+            params = swapped_params(params, conditioning["face_swap"])
+            fps = float(conditioning["face_swap"]["fps"])
         fence = {"id": job.id, "owner": lease.owner, "attempt": lease.attempt}
         stream = self.dit.options(stream=True).denoise.remote(params, conditioning, fence)
         latents = None
@@ -278,7 +295,7 @@ class JobRunner:
             raise RuntimeError("the DiT stream ended without a result")
 
         key = video_key(job.id, lease.attempt)  # this attempt's own key; published by finish
-        stored = await self.decoder.decode.remote(latents, float(job.request["fps"]), key)
+        stored = await self.decoder.decode.remote(latents, fps, key)
         done = await self.store.finish(
             job.id,
             lease,
@@ -296,6 +313,21 @@ class JobRunner:
         self.metrics.job_ran(time.time() - started)
         log.info("%s completed (attempt %d)", job.id, lease.attempt)
 
+    async def _face_swap_inputs(self, job: Job, params: Any) -> dict[str, Any]:
+        """What the Preprocessor needs for a face swap: the uploads and the SDEdit options."""
+        r = job.request
+        video = await asyncio.to_thread(self.results.get, input_video_key(job.id))
+        mask = await asyncio.to_thread(self.results.get, input_mask_key(job.id)) if r["has_mask"] else None
+        if video is None or (r["has_mask"] and mask is None):
+            raise JobFailedError("input_lost", "the input video is no longer stored")
+        return {
+            "params": params,
+            "video": video,
+            "mask": mask,
+            "denoising_strength": r["denoising_strength"],
+            "background_consistency": r["background_consistency"],
+        }
+
     async def _conditioning(self, job: Job, lease: Lease, params: Any) -> dict[str, torch.Tensor | None]:
         """Encoded prompt/face: saved by an earlier attempt, or from the Preprocessor (then saved
         under this attempt's key and published by a fenced write)."""
@@ -310,8 +342,11 @@ class JobRunner:
             if image is None:
                 raise JobFailedError("input_lost", "the reference image is no longer stored")
         negative = params.negative_prompt if params.guidance_scale != 1.0 else None
+        face_swap = await self._face_swap_inputs(job, params) if r.get("has_video") else None
         try:
-            cond = await self.preprocessor.encode.remote(params.prompt, negative, image, r["subject"])
+            cond = await self.preprocessor.encode.remote(
+                params.prompt, negative, image, r["subject"], face_swap
+            )
         except Exception as exc:
             permanent = classify_preprocessing_error(exc)
             if permanent is None:
@@ -319,7 +354,7 @@ class JobRunner:
             log.info("%s: input refused by the Preprocessor: %s", job.id, exc)
             raise permanent from None
         buf = io.BytesIO()
-        torch.save(cond, buf)
+        torch.save(cond, buf)  # a face swap's start latents are saved too: a retry reuses them
         key = conditioning_key(job.id, lease.attempt)
         await asyncio.to_thread(self.results.put, key, buf.getvalue())
         try:

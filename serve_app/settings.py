@@ -59,6 +59,13 @@ class ServeSettings(BaseModel):
     max_frames: int = Field(129, ge=1)
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
+    # face swap: uploaded videos (standin.video_input.VideoLimits; the generated size and frame
+    # count must also fit max_width/max_height/max_frames)
+    max_video_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    max_video_seconds: float = Field(30.0, gt=0)
+    max_video_frames: int = Field(241, ge=1)
+    max_video_pixels_per_frame: int = Field(1280 * 720, ge=256)
+    max_video_total_pixels: int = Field(1280 * 720 * 121, ge=256)
     # jobs and results
     state_dir: str = str(DEFAULT_STATE_DIR)
     job_store: Literal["sqlite", "redis"] = "sqlite"  # sqlite: one node | redis: shared by nodes

@@ -184,6 +184,7 @@ class VideoHeader:
         width, height: coded frame size (before any rotation; 0 when the header lacks it).
         frames: the header's frame count (0 when the container does not store one).
         duration_s: the header's duration, or None.
+        fps: the header's average frame rate, or None.
     """
 
     container: str
@@ -192,6 +193,7 @@ class VideoHeader:
     height: int
     frames: int
     duration_s: float | None
+    fps: float | None = None
 
 
 def probe_video(data: bytes, limits: VideoLimits | None = None) -> VideoHeader:
@@ -223,6 +225,7 @@ def probe_video(data: bytes, limits: VideoLimits | None = None) -> VideoHeader:
             int(ctx.height or 0),
             int(stream.frames or 0),
             _header_duration(container, stream),
+            float(rate) if (rate := stream.average_rate or stream.guessed_rate) else None,
         )
     finally:
         container.close()
