@@ -181,12 +181,16 @@ def test_errors_kept_for_clients_carry_no_traceback_or_internals():
     def refuse() -> None:
         raise InvalidImageError("no face found in the reference image")
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    # The session's shared cluster (tests/conftest.py) may already run: use it, never stop it.
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
     try:
         with pytest.raises(InvalidImageError) as err:
             ray.get(refuse.remote())
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert "Traceback" in str(err.value) or "pid=" in str(err.value)  # what used to be stored
     failure = classify_preprocessing_error(err.value)
     assert failure is not None and failure.code == "invalid_image"
