@@ -179,3 +179,19 @@ def test_requests_with_different_styles_interleaved_equal_each_run_alone(tmp_pat
     for state, expected in zip(states, alone, strict=True):
         torch.testing.assert_close(state["latents"], expected, rtol=0, atol=0)
     assert rel(alone[0], alone[2]) > 1e-3 and rel(alone[1], alone[2]) > 1e-3
+
+
+@pytest.mark.slow
+def test_style_benchmark_writes_every_variant_and_pinned_equals_unmerged(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks import style_lora
+
+    style_lora.main(["--preset", "tiny", "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "style_lora_tiny_cpu.json").read_text())
+    res = saved["results"]
+    assert set(res["samples_s"]) == {"none", style_lora.PINNED} | {
+        f"{k}_r{r}" for k in style_lora.SETS for r in style_lora.RANKS
+    }
+    assert res["pinned_vs_unmerged_max_rel_err"] <= 1e-5
+    assert (tmp_path / "style_lora_tiny_cpu.png").stat().st_size > 0
