@@ -35,6 +35,7 @@ from standin.experts import ExpertRun, ExpertSet
 from standin.guidance import combine_guidance, guided_velocity
 from standin.scheduler import DEFAULT_SHIFT, FlowMatchSchedule
 from standin.sdedit import BackgroundConsistency
+from standin.vace import DEFAULT_VACE_SCALE, VaceBranch, VaceInputs, vace_call
 
 __all__ = ["DenoiseRequest", "SPRunner"]
 
@@ -51,6 +52,7 @@ _TENSOR_FIELDS = (
     "background_latents",
     "background_noise",
     "background_mask",
+    "vace_context",
 )
 _BACKGROUND_FIELDS = ("background_latents", "background_noise", "background_mask")
 
@@ -85,14 +87,26 @@ class DenoiseRequest:
     background_latents: torch.Tensor | None = None
     background_noise: torch.Tensor | None = None
     background_mask: torch.Tensor | None = None
+    # Wan2.1-VACE (standin/vace.py): the control context [1 or B, 96, F, H, W] and its scale;
+    # every rank shards the context tokens like the video tokens and keeps its own hints.
+    vace_context: torch.Tensor | None = None
+    vace_scale: float = DEFAULT_VACE_SCALE
 
 
 class SPRunner:
     """Runs whole requests over a mesh. Rank 0: `generate`; other ranks: `serve_forever`."""
 
-    def __init__(self, model: WanDiT, comm: Collectives, experts: ExpertSet | None = None) -> None:
+    def __init__(
+        self,
+        model: WanDiT,
+        comm: Collectives,
+        experts: ExpertSet | None = None,
+        vace: VaceBranch | None = None,
+    ) -> None:
         """`experts`: a two-expert model's DiTs (standin/experts.py; `model` is then the
-        high-noise one, or the offload slot); every rank must be given the same set."""
+        high-noise one, or the offload slot); every rank must be given the same set.
+        `vace`: the VACE branch of a Wan2.1-VACE model (the same weights on every rank)."""
+        self.vace = vace
         self.model = model
         self.comm = comm
         self.mesh = comm.mesh
@@ -127,6 +141,7 @@ class SPRunner:
             "shift": float(request.shift),
             "denoising_strength": float(request.denoising_strength),
             "guidance_low": None if request.guidance_low is None else float(request.guidance_low),
+            "vace_scale": float(request.vace_scale),
             "tensors": {
                 name: (tuple(t.shape), t.dtype) if t is not None else None
                 for name in _TENSOR_FIELDS
@@ -218,7 +233,8 @@ class SPRunner:
 
         schedule, run, keeper = self._phase(setup)
         for i in range(schedule.num_steps):
-            step = functools.partial(self._step, schedule, i, latents, received, run)
+            vace_scale = header.get("vace_scale")
+            step = functools.partial(self._step, schedule, i, latents, received, run, vace_scale)
             if keeper is not None:
                 step = functools.partial(_then_keep_background, step, keeper, i)
             latents = self._phase(step, should_cancel)
@@ -237,13 +253,16 @@ class SPRunner:
         latents: torch.Tensor,
         received: dict[str, torch.Tensor | None],
         run: ExpertRun[ShardedDiT],
+        vace_scale: float | None = None,
     ) -> torch.Tensor:
         """One denoising step on every rank with the step's expert: latents [B, C, F, H, W] →
         the next latents. The expert's first step builds its identity cache (a switch)."""
+        vace_ctx = received.get("vace_context")
+        vace = None if vace_ctx is None else VaceInputs(vace_ctx, vace_scale)
         t = schedule.timestep(i).to(latents.device).expand(latents.shape[0])
         expert = run.step(i)
         ctx, neg = received["context"], received["negative_context"]
-        velocity = self._velocity(latents, t, ctx, neg, expert.identity, expert.guidance, expert.model)
+        velocity = self._velocity(latents, t, ctx, neg, expert.identity, expert.guidance, expert.model, vace)
         return schedule.step(velocity, i, latents)
 
     def _velocity(
@@ -255,17 +274,23 @@ class SPRunner:
         identity: IdentityCache | None,
         guidance: float,
         dit: ShardedDiT | None = None,
+        vace: VaceInputs | None = None,
     ) -> torch.Tensor:
         """CFG-combined velocity [B, C_out, F, H, W], the same on every rank (`dit`: the step's
-        expert, default the runner's one DiT)."""
+        expert, default the runner's one DiT; `vace`: the request's control, hints per call)."""
         dit = dit or self.dit
+        if vace is None:
+            call = functools.partial(dit, identity=identity)
+        else:
+            if self.vace is None:
+                raise InvalidRequestError("this model has no VACE branch: a control video needs one")
+            call = vace_call(dit.model, self.vace, vace, identity, plan=dit.plan)
         if self.mesh.config.cfg == 2:
             # Half 0 runs the positive pass, half 1 the negative; one exchange combines them.
             ctx = context if self.mesh.cfg_index == 0 or negative is None else negative
-            mine = dit(latents, t, ctx, identity)
+            mine = call(latents, t, ctx)
             pos, neg = self.comm.all_gather(mine, self.mesh.cfg_group, 2).unbind(0)
             return pos if guidance == 1.0 else combine_guidance(pos, neg, guidance)
-        call = functools.partial(dit, identity=identity)
         return guided_velocity(call, latents, t, context, negative, guidance)
 
     # -- agreement --------------------------------------------------------------------------
@@ -368,6 +393,10 @@ class SPRunner:
             raise InvalidRequestError(f"guidance_low must be a finite number, got {low!r}")
         if low not in (None, 1.0) and request.negative_context is None:
             raise InvalidRequestError("guidance_low != 1 needs a negative_context")
+        if request.vace_context is not None:
+            if self.vace is None:
+                raise InvalidRequestError("this model has no VACE branch: a control video needs one")
+            VaceInputs(request.vace_context, request.vace_scale).validate(self.vace.config.in_dim, lat.shape)
         # Raises InvalidRequestError for bad num_steps / shift / strength.
         schedule = FlowMatchSchedule(
             request.num_steps, shift=request.shift, denoising_strength=request.denoising_strength

@@ -22,6 +22,7 @@ from standin.face_swap_command import add_face_swap_arguments, run_face_swap
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams, StandInPipeline
 from standin.presets import PRESETS, get_preset
 from standin.styles import load_lora_args
+from standin.vace_command import add_control_arguments, run_controlled
 from standin.video import DEFAULT_FPS, encode_mp4
 
 log = logging.getLogger("standin")
@@ -75,6 +76,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         "(default 1, times the file's alpha/rank); repeat to stack styles",
     )
     add_face_swap_arguments(gen)
+    add_control_arguments(gen)
 
     conv = sub.add_parser("convert", help="rewrite a checkpoint directory's DiT in bf16 once (halves reads)")
     convert.add_arguments(conv)
@@ -156,6 +158,8 @@ def generation_params(args: argparse.Namespace) -> GenerationParams:
 
 
 def generate(args: argparse.Namespace) -> Path:
+    if getattr(args, "control_video", None) is not None:
+        return run_controlled(args)
     if getattr(args, "video", None) is not None:
         return run_face_swap(args)
     params = generation_params(args)

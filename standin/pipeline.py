@@ -38,6 +38,7 @@ from standin.presets import (
 from standin.scheduler import FlowMatchSchedule
 from standin.text_encoder import TextEncoder
 from standin.tiny_weights import TINY_WEIGHTS, load_tiny_weights
+from standin.vace import TINY_VACE_WEIGHTS, VaceBranch, VaceInputs, load_tiny_vace, load_vace_dit, vace_call
 from standin.vae import WanVAE, load_wan_vae
 from standin.wan22 import load_two_experts, standin_paths, tiny_two_experts
 
@@ -185,6 +186,9 @@ class DenoiseInputs:
     # after every step i (e.g. `BackgroundConsistency.apply`). None: text-to-video.
     start_latents: torch.Tensor | None = None
     after_step: AfterStep | None = None
+    # Wan2.1-VACE: the request's control context and scale (standin/vace_conditioning.py); the
+    # pipeline's `vace` branch adds its hints in every DiT call. None: no control video.
+    vace: VaceInputs | None = None
 
     @classmethod
     def for_request(
@@ -219,6 +223,7 @@ class StandInPipeline:
         text_encoder: TextEncoder,
         preset: ModelPreset,
         experts: ExpertSet | None = None,
+        vace: VaceBranch | None = None,
     ) -> None:
         # experts: a two-expert model's DiTs (standin/experts.py); `dit` is then the high-noise one
         self.dit = dit
@@ -226,6 +231,7 @@ class StandInPipeline:
         self.text_encoder = text_encoder
         self.preset = preset
         self.experts = experts
+        self.vace = vace  # the VACE branch of a Wan2.1-VACE model (standin/vace.py), or None
 
     @property
     def device(self) -> torch.device:
@@ -266,12 +272,19 @@ class StandInPipeline:
         checkpoint_dir = Path(checkpoint_dir)
         standin_checkpoint = Path(standin_checkpoint or checkpoint_dir / STANDIN_FILE)
         check_checkpoint_dir(checkpoint_dir, standin_checkpoint)
-        dit = load_wan_dit(
-            checkpoint_dir, preset.dit, lora_path=standin_checkpoint, dtype=dtype, device=device
-        )
+        vace = None
+        if preset.vace is not None:  # Wan2.1-VACE: DiT and VACE branch from the same shards
+            dit, vace = load_vace_dit(
+                checkpoint_dir, preset.dit, preset.vace, lora_path=standin_checkpoint, dtype=dtype,
+                device=device,
+            )
+        else:
+            dit = load_wan_dit(
+                checkpoint_dir, preset.dit, lora_path=standin_checkpoint, dtype=dtype, device=device
+            )
         vae = load_wan_vae(checkpoint_dir / VAE_FILE, dtype=torch.float32, device=device, config=preset.vae)
         text = TextEncoder.from_checkpoint_dir(checkpoint_dir, dtype=dtype, device=device, config=preset.text)
-        return cls(dit, vae, text, preset)
+        return cls(dit, vae, text, preset, vace=vace)
 
     @classmethod
     def _shipped(
@@ -283,7 +296,11 @@ class StandInPipeline:
         vae = vae.to(device=device)
         seed = meta.get("text_encoder_seed", 0)
         text = TextEncoder.tiny(seed, dtype=dtype, device=device, config=preset.text)
-        return cls(dit, vae, text, preset)
+        vace = None
+        if preset.vace is not None and TINY_VACE_WEIGHTS.exists():  # `standin train --recipe vace`
+            vace = load_tiny_vace(TINY_VACE_WEIGHTS, preset.dit, preset.vace)[0]
+            vace = vace.to(device=device, dtype=dtype)
+        return cls(dit, vae, text, preset, vace=vace)
 
     @classmethod
     def _two_experts(
@@ -387,10 +404,20 @@ class StandInPipeline:
         t = schedule.timestep(i).to(self.device).expand(latents.shape[0])
         expert = run.step(i)
         identity = expert.identity if reuse_identity_cache else make_cache(expert.model, expert.adapters)
-        call = functools.partial(expert.model, identity=identity, adapters=expert.adapters)
+        if inputs.vace is None:
+            call = functools.partial(expert.model, identity=identity, adapters=expert.adapters)
+        else:
+            call = vace_call(expert.model, self._vace_branch(), inputs.vace, identity, expert.adapters)
         ctx, neg = inputs.context, inputs.negative_context
         velocity = guided_velocity(call, latents, t, ctx, neg, expert.guidance, inputs.cfg_mode)
         return schedule.step(velocity, i, latents)
+
+    def _vace_branch(self) -> VaceBranch:
+        if self.vace is None:
+            raise InvalidRequestError(
+                f"preset {self.preset.name} has no VACE branch: a control video needs one"
+            )
+        return self.vace
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

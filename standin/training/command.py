@@ -42,9 +42,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recipe",
         required=True,
-        choices=(*RECIPES, "style"),
+        choices=(*RECIPES, "style", "vace"),
         help="lora: the paper's (base frozen); demo: all unfrozen + reference dropout; base: T2V; "
-        "style: the tiny palette-swap style LoRA (examples/tiny_palette_style.safetensors)",
+        "style: the tiny palette-swap style LoRA (examples/tiny_palette_style.safetensors); "
+        "vace: the tiny VACE branch (standin/weights/tiny_vace.safetensors)",
     )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument(
@@ -76,6 +77,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> Path:
     """Dispatch: synthetic tiny run, or folder training (data parallel under torchrun)."""
+    if args.recipe == "vace":
+        if args.preset != "tiny" or args.data is not None:
+            raise SystemExit("error: --recipe vace trains the tiny preset's VACE branch (synthetic clips)")
+        from standin.training.vace_recipe import VaceSchedule, train_vace
+
+        vace_schedule = VaceSchedule()
+        vace_schedule.steps = args.steps or max(1, round(vace_schedule.steps * args.steps_scale))
+        return train_vace(args.out / "tiny_vace.safetensors", seed=args.seed, schedule=vace_schedule)
     if args.recipe == "style":
         if args.preset != "tiny" or args.data is not None:
             raise SystemExit("error: --recipe style trains the tiny preset's synthetic style only")
