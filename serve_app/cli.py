@@ -64,6 +64,7 @@ def generate_remote(args: argparse.Namespace) -> Path:
         if not (args.width and args.height):
             raise SystemExit("error: with --server give both --width and --height")
         size = f"{args.width}x{args.height}"
+    swap = getattr(args, "video", None) is not None  # size, frames and fps come from the video
     fields = {
         "model": args.model,
         "size": size,
@@ -76,6 +77,10 @@ def generate_remote(args: argparse.Namespace) -> Path:
         "subject": args.subject if args.image is not None else None,
         "negative_prompt": None if args.negative_prompt == WAN_NEGATIVE_PROMPT else args.negative_prompt,
     }
+    if swap:
+        fields["fps"] = None
+        fields["denoising_strength"] = args.denoising_strength
+        fields["background_consistency"] = "true" if args.background_consistency else None
     api_key = args.api_key or os.environ.get("STANDIN_API_KEY")
     try:
         return _run_remote(VideoClient(args.server, api_key=api_key), args, fields)
@@ -90,7 +95,8 @@ def _run_remote(client: VideoClient, args: argparse.Namespace, fields: dict) -> 
             image = args.image.read_bytes() if args.image is not None else None
         except OSError as e:
             raise SystemExit(f"error: cannot read --image: {e}") from None
-        video = client.create(args.prompt, image, **fields)
+        videos = _video_files(args)
+        video = client.create(args.prompt, image, videos, **fields)
         log.info("submitted %s to %s", video["id"], args.server)
         with tqdm(total=100, desc="generating", unit="%", file=sys.stderr) as bar:
 
@@ -100,6 +106,20 @@ def _run_remote(client: VideoClient, args: argparse.Namespace, fields: dict) -> 
 
             client.wait(video["id"], show)
         return client.download(video["id"], args.output)
+
+
+def _video_files(args: argparse.Namespace) -> dict[str, bytes]:
+    """A face swap's uploads: --video (and --mask) as the input_video / input_mask file parts."""
+    files = {}
+    for option, field in (("video", "input_video"), ("mask", "input_mask")):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        try:
+            files[field] = path.read_bytes()
+        except OSError as e:
+            raise SystemExit(f"error: cannot read --{option}: {e}") from None
+    return files
 
 
 def serve(args: argparse.Namespace) -> int:

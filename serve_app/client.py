@@ -60,14 +60,24 @@ class VideoClient:
                 raise TimeoutError(f"{self.http.base_url} not ready after {timeout_s:g}s")
             time.sleep(1.0)
 
-    def create(self, prompt: str, image: Path | bytes | None = None, **fields: Any) -> dict[str, Any]:
-        """POST /v1/videos: multipart with the image file, JSON without one (None fields left out)."""
+    def create(
+        self,
+        prompt: str,
+        image: Path | bytes | None = None,
+        videos: dict[str, bytes] | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """POST /v1/videos: multipart with the image file, JSON without one (None fields left out).
+        `videos`: a face swap's {"input_video": bytes, "input_mask": bytes} file parts."""
         data = {"prompt": prompt, **{k: str(v) for k, v in fields.items() if v is not None}}
-        if image is None:
+        if image is None and not videos:
             return self._check(self.http.post("/v1/videos", json=_typed(data))).json()
-        content = image.read_bytes() if isinstance(image, Path) else image
-        name = image.name if isinstance(image, Path) else "reference"
-        files = {"input_reference": (name, content, "application/octet-stream")}
+        octets = "application/octet-stream"
+        files = {name: (name, content, octets) for name, content in (videos or {}).items()}
+        if image is not None:
+            content = image.read_bytes() if isinstance(image, Path) else image
+            name = image.name if isinstance(image, Path) else "reference"
+            files["input_reference"] = (name, content, octets)
         return self._check(self.http.post("/v1/videos", data=data, files=files)).json()
 
     def get(self, video_id: str) -> dict[str, Any]:

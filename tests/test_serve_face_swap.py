@@ -225,3 +225,20 @@ def test_uploads_are_deleted_when_the_job_ends(client, uploads, state: Path):
     assert _wait(client, video_id)["status"] == "completed"
     left = sorted(p.name for p in (state / "results").glob(f"{video_id}.*"))
     assert left == [f"{video_id}.a1.mp4"], left
+
+
+def test_cli_generate_server_with_video_round_trip(server: str, uploads, tmp_path: Path):
+    from serve_app import cli as serving_cli
+
+    for name in ("video", "mask", "face"):
+        (tmp_path / name).write_bytes(uploads[name])
+    out = tmp_path / "out.mp4"
+    argv = [
+        "generate", "--server", server + PREFIX, "--prompt", "moves right on navy", "--steps", "1",
+        "--image", str(tmp_path / "face"), "--subject", "object", "--video", str(tmp_path / "video"),
+        "--mask", str(tmp_path / "mask"), "--background-consistency", "-o", str(out),
+    ]  # fmt: skip
+    assert serving_cli.main(argv) == 0
+    info = read_mp4_info(out.read_bytes())
+    assert (info.width, info.height, info.num_frames) == (32, 32, 9)
+    assert info.fps == pytest.approx(12.0)
