@@ -56,6 +56,7 @@ __all__ = [
     "VaceInputs",
     "check_vace_scale",
     "load_tiny_vace",
+    "load_vace_branch",
     "load_vace_dit",
     "save_tiny_vace",
     "vace_call",
@@ -324,6 +325,29 @@ def load_vace_dit(
     load_strict(branch, branch_tensors, expected_in=where)
     log.info("loaded DiT + VACE (%d hinted layers) from %s (%s, %s)", len(vace.layers), where, dtype, device)
     return model.eval().requires_grad_(False), branch.eval().requires_grad_(False)
+
+
+def load_vace_branch(
+    dit_path: Path,
+    config: DiTConfig,
+    vace: VaceConfig,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> VaceBranch:
+    """Only the VACE branch of an official Wan2.1-VACE checkpoint (its `vace_*` tensors are the
+    only ones read), strictly: for processes that get the DiT some other way (a sequence-parallel
+    rank that receives it by broadcast)."""
+    if not dit_path.exists():
+        raise CheckpointError(f"missing VACE checkpoint: {dit_path}")
+    paths = [dit_path] if dit_path.is_file() else shard_files(dit_path)
+    tensors = read_safetensors(
+        paths, dtype=dtype, device=device, rename=lambda k: k if is_vace_key(k) else None
+    )
+    with torch.device("meta"):
+        branch = VaceBranch(config, vace)
+    load_strict(branch, tensors, expected_in=", ".join(p.name for p in paths))
+    return branch.eval().requires_grad_(False)
 
 
 # The tiny preset's VACE branch: a separate file beside tiny.safetensors (`standin train --recipe vace`).

@@ -26,6 +26,7 @@ from standin.vace import (
     VaceConfig,
     VaceInputs,
     load_tiny_vace,
+    load_vace_branch,
     load_vace_dit,
     save_tiny_vace,
     vace_call,
@@ -216,6 +217,16 @@ def test_loads_dit_and_vace_from_one_official_checkpoint(tmp_path):
     )
     for k, v in _state(dit, branch).items():
         assert torch.equal({**got_dit.state_dict(), **got_branch.state_dict()}[k], v), k
+
+
+def test_the_branch_alone_loads_from_the_same_files(tmp_path):
+    dit, branch = _models()
+    _write_official(tmp_path, _state(dit, branch))
+    alone = load_vace_branch(tmp_path, CFG, VACE, dtype=torch.float32)
+    for k, v in branch.state_dict().items():
+        assert torch.equal(alone.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="missing vace_"):
+        load_vace_branch(tmp_path, CFG, VaceConfig(layers=(0, 2, 3)), dtype=torch.float32)
 
 
 @pytest.mark.parametrize(
