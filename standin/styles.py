@@ -24,7 +24,8 @@ official Stand-In script (`infer_with_lora.py`) ignores the file's alpha and its
   (kohya, musubi-tuner);
 - ``ab``: official Wan2.1 names with `.lora_A.weight` / `.lora_B.weight` (or `.lora_down` /
   `.lora_up`, as ComfyUI and lightx2v write them), optional `.alpha`;
-- ``peft``: a PEFT state dict (`base_model.model.` prefix, adapter names such as `.lora_A.default.weight`);
+- ``peft``: a PEFT state dict (`base_model.model.` prefix, adapter names such as
+  `.lora_A.default.weight`; one adapter per file);
 - ``diffusers``: `WanTransformer3DModel` names (`blocks.N.attn1.to_q`, `attn1.to_out.0`,
   `attn2.*`, `ffn.net.0.proj`, `ffn.net.2`, `norm2` = our `norm3`), mapped to ours
   (`blocks.N.self_attn.q`, `self_attn.o`, `cross_attn.*`, `ffn.0`, `ffn.2`); `lora_B.bias` is a
@@ -35,7 +36,9 @@ official Stand-In script (`infer_with_lora.py`) ignores the file's alpha and its
 `.pt`, `.pth`, `.bin`, … — a downloaded style is never unpickled), anything that is not a
 safetensors file, files over the size limit, keys that match no layer of the model (listed),
 layers whose shapes do not fit the model, LoRA variants we do not implement (DoRA, LoHa, LoKr),
-non-finite values, and deltas on layers the unmerged forward cannot reach (listed).
+non-finite values, and non-zero deltas on layers the unmerged forward cannot reach (norms,
+modulation, patch embedding; listed). All-zero deltas there (lightx2v's distillation LoRAs
+carry zero norm `diff`s) are ignored and named in `StyleLoRA.ignored`.
 """
 
 from __future__ import annotations
@@ -580,9 +583,11 @@ class StyleSet:
     """The styles of one request: (style, user scale) pairs, applied unmerged in the forward.
 
     Implements the DiT's `LinearAdapters` seam (standin/forward_plan.py): `linear(name, x, y)` is
-    called after every base linear layer and returns y plus every style's delta for that layer. Holds no state
-    between calls, so one StyleSet may serve both CFG passes, the identity cache and every
-    sequence-parallel rank (each applies it to its own tokens).
+    called after every base linear layer and returns y plus every style's delta for that layer.
+    Holds no state between calls, so one StyleSet may serve both CFG passes, the identity cache
+    and every sequence-parallel rank (each applies it to its own tokens). Styles should already
+    be on the model's device and dtype (`StyleLoRA.to`, once per loaded file): otherwise every
+    call converts them again.
     """
 
     def __init__(self, styles: Iterable[tuple[StyleLoRA, float]] = ()) -> None:
