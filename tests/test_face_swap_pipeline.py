@@ -477,3 +477,23 @@ def test_probe_reads_the_header_and_refuses_what_the_limits_forbid_without_decod
         probe_video(b"#EXTM3U\nhttp://example.com/a.ts\n")
     with pytest.raises(InvalidVideoError):
         probe_video(data[:40])  # cut inside the header
+
+
+def test_the_insightface_backend_pastes_with_scrfd_keypoints(tmp_path: Path) -> None:
+    """antelopev2's SCRFD (here a constant SCRFD-shaped model: one face, always at the same
+    place) gives the landmarks of both the reference and every frame."""
+    from standin.face_detectors import SCRFD_FILE
+    from standin.face_landmarks import ScrfdLandmarkDetector
+    from standin.face_swap_request import landmark_detector_for
+    from tests.test_face_swap import constant_scrfd
+
+    constant_scrfd(tmp_path / SCRFD_FILE)
+    pre = FacePreprocessor(FaceConfig(backend="insightface", model_dir=tmp_path))
+    assert isinstance(landmark_detector_for(pre), ScrfdLandmarkDetector)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (5, 128, 160, 3), dtype=np.uint8)
+    image = decode_image(encode_png(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)))
+    video, _ = prepare_face_swap(mp4(frames, fps=16), image, pre)
+    assert video.paths == ("landmarks",) * 5 and video.mask_source == "paste"
+    assert all(m.max() > 128 for m in video.masks)
+    assert landmark_detector_for(FacePreprocessor(FaceConfig(subject="object"))) is None
