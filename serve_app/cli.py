@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--config", type=Path, default=Path("serve_config.yaml"), help="Ray Serve config (CPU profile)"
     )
-    srv.add_argument("--profile", choices=["cpu", "gpu"], help="gpu: the packaged 14B, SP=8 profile")
+    srv.add_argument(
+        "--profile",
+        choices=["cpu", "gpu", "gpu-wan2.2"],
+        help="gpu: the packaged Wan2.1 14B, SP=8 profile; gpu-wan2.2: Wan2.2 A14B (two experts), SP=8",
+    )
     srv.add_argument("--address", help="join this running Ray cluster instead of starting one")
     srv.add_argument("--host", help="HTTP host (default: the config's)")
     srv.add_argument("--port", type=int, help="HTTP port (default: the config's)")

@@ -49,10 +49,11 @@ from parallel import (
 from parallel.rendezvous import free_port
 from serve_app.face_swap import denoise_request_fields
 from serve_app.jobs import AsyncJobStore, open_job_store
-from serve_app.models import device_of, load_dit
+from serve_app.models import device_of, load_dit, load_experts
 from serve_app.settings import ServeSettings
 from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError
+from standin.experts import HIGH
 from standin.pipeline import GenerationParams, initial_noise
 from standin.presets import get_preset
 
@@ -74,6 +75,12 @@ class RankState:
         if world > 1:
             backend = settings.dist_backend or ("nccl" if self.device.type == "cuda" else "gloo")
             init_distributed(rank, world, address or "", backend=backend, timeout=timeout)
+        experts = None
+        if get_preset(settings.preset).experts is not None:
+            # Wan2.2 A14B: both experts on every rank, the runner picks one per step
+            experts = load_experts(settings, world)
+            model = experts.residency.activate(HIGH)
+        elif world > 1:
             # The group shares one node: rank 0 reads the checkpoint, the others receive it.
             empty = functools.partial(WanDiT, get_preset(settings.preset).dit)
             model, _ = load_once_per_node(functools.partial(load_dit, settings), empty, self.device)
@@ -81,7 +88,7 @@ class RankState:
             model = load_dit(settings)
         config = ParallelConfig.for_world(world, model.config.num_heads, cfg=settings.cfg_degree)
         mesh = DeviceMesh(config, model.config.num_heads, device=self.device, timeout=timeout)
-        self.runner = SPRunner(model, Collectives(mesh))
+        self.runner = SPRunner(model, Collectives(mesh), experts)
         log.info("rank %d/%d ready: %s on %s", rank, world, config, self.device)
 
 

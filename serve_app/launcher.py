@@ -26,11 +26,15 @@ from serve_app.settings import ServeSettings, SettingsError, replicas_of
 
 log = logging.getLogger(__name__)
 
-PROFILES = {"gpu": Path(__file__).parent / "profiles" / "gpu.yaml"}
+PROFILES = {
+    "gpu": Path(__file__).parent / "profiles" / "gpu.yaml",
+    "gpu-wan2.2": Path(__file__).parent / "profiles" / "gpu-wan2.2.yaml",
+}
 # ServeSettings args that name files: made absolute here, since replicas run elsewhere.
 PATH_ARGS = (
     "checkpoint_dir",
     "standin_checkpoint",
+    "standin_low_checkpoint",
     "face_model_dir",
     "parser_weights",
     "state_dir",

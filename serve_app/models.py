@@ -11,10 +11,12 @@ from serve_app.settings import ServeSettings
 from standin.checkpoints import load_wan_dit
 from standin.config import DTYPES
 from standin.dit import WanDiT
+from standin.experts import HIGH, LOW, ExpertSet
 from standin.pipeline import StandInPipeline
 from standin.presets import STANDIN_FILE, VAE_FILE, get_preset
 from standin.text_encoder import TextEncoder
 from standin.vae import WanVAE, load_wan_vae
+from standin.wan22 import check_two_expert_dir, load_expert_dits, standin_paths
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,52 @@ def load_dit(settings: ServeSettings) -> WanDiT:
     return load_wan_dit(
         ckpt, preset.dit, lora_path=lora, dtype=dtype_of(settings), device=device_of(settings)
     )
+
+
+def _expert_files(settings: ServeSettings) -> dict[str, Path]:
+    high, low = settings.standin_checkpoint, settings.standin_low_checkpoint
+    preset = get_preset(settings.preset)
+    return standin_paths(
+        _checkpoint_dir(settings), preset.experts, Path(high) if high else None, Path(low) if low else None
+    )
+
+
+def load_expert(settings: ServeSettings, name: str) -> WanDiT:
+    """One expert of a two-expert preset on this process's device, after checking every file."""
+    preset = get_preset(settings.preset)
+    files = _expert_files(settings)
+    dirs = check_two_expert_dir(_checkpoint_dir(settings), preset.experts, files)
+    return load_wan_dit(
+        dirs[name], preset.dit, lora_path=files[name], dtype=dtype_of(settings), device=device_of(settings)
+    )
+
+
+def load_experts(settings: ServeSettings, world_size: int) -> ExpertSet:
+    """Both experts of a two-expert preset for one DiT rank (`settings.expert_residency`).
+
+    Resident in a group of several ranks: rank 0 reads each expert and broadcasts it (as the
+    one-DiT presets). Offload: every rank reads both into its own pinned host memory.
+    """
+    preset = get_preset(settings.preset)
+    device, dtype = device_of(settings), dtype_of(settings)
+    residency = settings.expert_residency
+    if not preset.needs_checkpoint:  # tiny-a14b: the shipped weights
+        return StandInPipeline.from_preset(
+            settings.preset, device=device, dtype=dtype, expert_residency=residency
+        ).experts
+    if residency == "offload" or world_size == 1:
+        files = _expert_files(settings)
+        return load_expert_dits(
+            _checkpoint_dir(settings), preset, standin=files, dtype=dtype, device=device, residency=residency
+        )
+    from functools import partial
+
+    from parallel import load_once_per_node
+
+    empty = partial(WanDiT, preset.dit)
+    high, _ = load_once_per_node(partial(load_expert, settings, HIGH), empty, device)
+    low, _ = load_once_per_node(partial(load_expert, settings, LOW), empty, device)
+    return ExpertSet.two(high, low, preset.experts.boundary)  # type: ignore[arg-type]
 
 
 def load_encoders(settings: ServeSettings) -> tuple[TextEncoder, WanVAE]:

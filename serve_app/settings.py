@@ -37,6 +37,12 @@ class ServeSettings(BaseModel):
     model_name: str = ""  # the `model` id clients see; default: the preset name
     checkpoint_dir: str | None = None
     standin_checkpoint: str | None = None
+    # two-expert presets (wan2.2-t2v-a14b, tiny-a14b): the low-noise expert's Stand-In file
+    # (default: in checkpoint_dir; standin_checkpoint is then the high-noise expert's) and where
+    # the experts live: both on every rank's GPU, or the idle one in pinned host memory
+    # (standin/experts.py; which fits where: cluster/README.md, "Wan2.2 A14B")
+    standin_low_checkpoint: str | None = None
+    expert_residency: Literal["resident", "offload"] = "resident"
     device: str | None = None  # None: cuda when present, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bf16 on GPU, fp32 on CPU
     # the DiT replica: ranks = sp_degree × cfg_degree (one placement group bundle each)

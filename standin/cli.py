@@ -16,7 +16,7 @@ from tqdm import tqdm
 from standin import convert
 from standin.config import DTYPES
 from standin.errors import StandInError
-from standin.experts import EXPERT_RESIDENCIES, SAMPLING_OPTIONS
+from standin.experts import EXPERT_RESIDENCIES, SAMPLING_OPTIONS, expert_adapters
 from standin.face import FaceConfig, FacePreprocessor
 from standin.face_swap_command import add_face_swap_arguments, run_face_swap
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams, StandInPipeline
@@ -119,6 +119,14 @@ def add_expert_arguments(gen: argparse.ArgumentParser) -> None:
         default="resident",
         help="two-expert presets: both DiTs on the device, or the idle one in (pinned) host memory",
     )
+    gen.add_argument(
+        "--lora-low",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="two-expert presets: a style as a high/low pair: --lora for the high-noise expert, "
+        "--lora-low for the low-noise one (without --lora-low, --lora applies to both)",
+    )
 
 
 def generation_params(args: argparse.Namespace) -> GenerationParams:
@@ -127,9 +135,11 @@ def generation_params(args: argparse.Namespace) -> GenerationParams:
     preset = get_preset(args.preset)
     option = SAMPLING_OPTIONS[args.sampling] if getattr(args, "sampling", None) else None
     guidance_low = getattr(args, "guidance_low", None)
-    if preset.experts is None and (option is not None or guidance_low is not None):
+    if preset.experts is None and (
+        option is not None or guidance_low is not None or getattr(args, "lora_low", [])
+    ):
         raise SystemExit(
-            "error: --sampling and --guidance-low apply to two-expert presets "
+            "error: --sampling, --guidance-low and --lora-low apply to two-expert presets "
             f"({', '.join(n for n in sorted(PRESETS) if PRESETS[n].experts)}), not {preset.name}"
         )
     explicit = getattr(args, "explicit", set())
@@ -165,6 +175,7 @@ def generate(args: argparse.Namespace) -> Path:
     params = generation_params(args)
     params.validate()  # fail before loading any model
     styles = load_lora_args(args.lora, get_preset(args.preset).dit)  # checked before loading too
+    styles_low = load_lora_args(args.lora_low, get_preset(args.preset).dit) if args.lora_low else None
     reference = None
     if args.image is not None:
         face = FacePreprocessor(
@@ -193,6 +204,9 @@ def generate(args: argparse.Namespace) -> Path:
     log.info("loaded %s in %.1fs on %s", args.preset, time.perf_counter() - started, pipe.device)
     with tqdm(total=params.num_steps, desc="denoising", unit="step", file=sys.stderr) as bar:
         styles = styles.to(pipe.device, pipe.dit.patch_embedding.weight.dtype) if styles else None
+        if styles_low is not None:  # a high/low style pair: each expert gets its own adapters
+            low = styles_low.to(pipe.device, pipe.dit.patch_embedding.weight.dtype)
+            styles = expert_adapters(styles, low)  # type: ignore[assignment]
         video = pipe.generate(params, reference, progress=lambda done, total: bar.update(1), styles=styles)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(encode_mp4(video, fps=args.fps))

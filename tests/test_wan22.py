@@ -680,3 +680,60 @@ def test_memory_plan_keeps_both_experts_resident_when_they_fit_and_the_guide_sho
     assert m.total("resident") - m.total("offload") == pytest.approx(m.expert_weights)
     guide = (Path(__file__).resolve().parents[1] / "cluster" / "README.md").read_text()
     assert wan22_table() in guide
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+def test_gpu_wan22_profile_serves_the_two_expert_model_on_the_gpu_profiles_resources():
+    import yaml
+
+    from serve_app.launcher import PROFILES
+    from serve_app.settings import ServeSettings, replicas_of
+
+    config = yaml.safe_load(PROFILES["gpu-wan2.2"].read_text())
+    app = config["applications"][0]
+    settings = ServeSettings.from_args(app["args"], env={}, replicas=replicas_of(app["deployments"]))
+    assert settings.preset == "wan2.2-t2v-a14b" and settings.model_name == "stand-in-wan2.2-t2v-a14b"
+    assert settings.expert_residency == "resident" and settings.world_size == 8
+    wan21 = yaml.safe_load(PROFILES["gpu"].read_text())["applications"][0]
+    assert app["deployments"] == wan21["deployments"]  # same placement on one 8-GPU node
+
+
+@pytest.mark.parametrize("residency", ["resident", "offload"])
+def test_a_dit_rank_of_the_server_runs_both_experts_like_one_process(residency):
+    from serve_app.dit import RankState
+    from serve_app.settings import ServeSettings
+
+    settings = ServeSettings.from_args(
+        {"preset": "tiny-a14b", "device": "cpu", "dtype": "float32", "expert_residency": residency}, env={}
+    )
+    state = RankState(settings, 0, None)
+    experts = state.runner.experts
+    assert experts.is_pair and (residency == "offload") == isinstance(experts.residency, OffloadedExperts)
+    request = _sp_request(state.runner.model.config)
+    got = state.runner.generate(request)
+    reference = StandInPipeline.from_preset("tiny-a14b", device="cpu").experts
+    expected = _reference_two_experts({n: reference.residency.activate(n) for n in (HIGH, LOW)}, request)
+    assert float((got - expected).abs().max() / expected.abs().max()) <= SP_TOLERANCE
+
+
+def test_a_style_pair_from_the_cli_gives_each_expert_its_own_style(tmp_path: Path, monkeypatch):
+    from standin.cli import main
+    from standin.styles import StyleSet
+
+    seen: list[object] = []
+    real_generate = StandInPipeline.generate
+
+    def spy(self, params, image=None, progress=None, should_cancel=None, styles=None):
+        seen.append(styles)
+        return real_generate(self, params, image, progress, should_cancel, styles=styles)
+
+    monkeypatch.setattr(StandInPipeline, "generate", spy)
+    style = Path(__file__).resolve().parents[1] / "examples" / "tiny_palette_style.safetensors"
+    base = ["generate", "--preset", "tiny-a14b", "--prompt", "moves right on navy", "--steps", "2"]
+    assert main([*base, "--lora-low", f"{style}:0.5", "-o", str(tmp_path / "a.mp4")]) == 0
+    pair = seen[-1]
+    assert isinstance(pair, dict) and pair[HIGH] is None and isinstance(pair[LOW], StyleSet)
+    with pytest.raises(SystemExit, match="two-expert presets"):
+        main(["generate", "--prompt", "x", "--lora-low", str(style), "-o", str(tmp_path / "b.mp4")])
