@@ -195,3 +195,18 @@ def test_style_benchmark_writes_every_variant_and_pinned_equals_unmerged(tmp_pat
     }
     assert res["pinned_vs_unmerged_max_rel_err"] <= 1e-5
     assert (tmp_path / "style_lora_tiny_cpu.png").stat().st_size > 0
+
+
+def test_in_bfloat16_unmerged_stays_as_close_to_float32_as_merged_does(tmp_path: Path, model) -> None:
+    """The GPU dtype: both ways round differently, neither drifts further from fp32 than the other."""
+    path = write(tmp_path / "a.safetensors", as_format(random_deltas(), "kohya"))
+    style = StyleLoRA.load(path, model)
+    x = inputs()
+    with torch.no_grad():
+        exact = velocity(model, x, StyleSet([(style, 0.7)]))
+        half = randomized().to(torch.bfloat16)
+        styles = StyleSet([(style.to(dtype=torch.bfloat16), 0.7)])
+        unmerged = velocity(half, x, styles)
+        merged = velocity(pinned_model(half, styles), x)
+    err_unmerged, err_merged = rel(unmerged, exact), rel(merged, exact)
+    assert err_unmerged <= max(2 * err_merged, 1e-2), (err_unmerged, err_merged)
