@@ -318,3 +318,28 @@ def test_generate_takes_repeatable_lora_flags_and_refuses_a_pickle_before_loadin
     pickle.write_bytes(b"\x80\x04not really")
     assert main(["generate", "--prompt", "p", "--lora", str(pickle), "-o", str(tmp_path / "x.mp4")]) == 2
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_a_step_distillation_layout_loads(tmp_path: Path) -> None:
+    """The layout of the community's Wan2.1 step-distillation LoRAs: `diffusion_model.` names,
+    lora_down/up + alpha on every block linear, `diff_b` on their biases and the head's, and
+    all-zero `diff` / `diff_b` on the norms (ignored: the unmerged forward does not adapt norms)."""
+    g = torch.Generator().manual_seed(9)
+    rank, tensors = 4, {}
+    for name, (o, i) in layer_shapes().items():
+        p = f"diffusion_model.{name}"
+        tensors[f"{p}.lora_down.weight"] = torch.randn(rank, i, generator=g)
+        tensors[f"{p}.lora_up.weight"] = torch.randn(o, rank, generator=g)
+        tensors[f"{p}.alpha"] = torch.tensor(float(rank))
+        tensors[f"{p}.diff_b"] = torch.randn(o, generator=g)
+    norms = ("self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k", "norm3")
+    for b in range(CFG.num_layers):
+        for norm in norms:
+            tensors[f"diffusion_model.blocks.{b}.{norm}.diff"] = torch.zeros(CFG.dim)
+        tensors[f"diffusion_model.blocks.{b}.norm3.diff_b"] = torch.zeros(CFG.dim)
+    tensors["diffusion_model.head.head.diff_b"] = torch.randn(64, generator=g)
+    style = StyleLoRA.load(write(tmp_path / "distill.safetensors", tensors), CFG)
+    assert style.format == "ab" and style.rank == rank
+    assert len(style.layers) == len(layer_shapes()) + 1
+    assert len(style.ignored) == 5 * CFG.num_layers
+    assert {d.scale for d in style.layers.values() if d.rank} == {1.0}
