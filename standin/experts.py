@@ -218,7 +218,8 @@ class OffloadedExperts(ExpertResidency):
             host = {}
             for k, t in state.items():
                 t = t.detach().to("cpu")
-                host[k] = t.pin_memory() if pin else t.clone()
+                # An expert already in pinned host memory is used as it is (no second copy).
+                host[k] = (t if t.is_pinned() else t.pin_memory()) if pin else t.clone()
             self._host[name] = host
         self.slot = _slot_like(first, self.device)
         self._slot_tensors = self.slot.state_dict(keep_vars=True)

@@ -737,3 +737,14 @@ def test_a_style_pair_from_the_cli_gives_each_expert_its_own_style(tmp_path: Pat
     assert isinstance(pair, dict) and pair[HIGH] is None and isinstance(pair[LOW], StyleSet)
     with pytest.raises(SystemExit, match="two-expert presets"):
         main(["generate", "--prompt", "x", "--lora-low", str(style), "-o", str(tmp_path / "b.mp4")])
+
+
+def test_the_gpu_measurement_of_both_residencies_runs_its_smoke_size_on_the_cpu(tmp_path: Path):
+    from benchmarks.wan22_gpu import main
+
+    result = main(["--smoke", "--out", "smoke", "--out-dir", str(tmp_path)])
+    assert result["plan"] == [HIGH, LOW]  # 2 steps, shift 5: the switch is inside the run
+    runs = {r["residency"]: r for r in result["runs"]}
+    assert set(runs) == {"resident", "offload"} and all(r["finite"] for r in runs.values())
+    assert runs["offload"]["swap_s"] is not None and runs["resident"]["swap_s"] is None
+    assert (tmp_path / "smoke.json").is_file()
