@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing
 import os
-import socket
 import time
-import traceback
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,6 +45,7 @@ from standin.dit import WanDiT
 from standin.errors import CancelledError, CheckpointError, InvalidRequestError
 from standin.presets import dit_preset
 from standin.scheduler import FlowMatchSchedule
+from tests.distributed import run_ranks
 
 TOLERANCE = 1e-5
 SPAWN_DEADLINE_S = 100
@@ -623,54 +621,15 @@ def _world3(rank: int, rec: SendRecorder) -> dict:
 _RESULT: dict = {}
 
 
-def _rank_main(scenario: str, rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    result: dict
+def _rank_main(rank: int, world: int, init_method: str, scenario: str, out_dir: str) -> dict:
     _RESULT["path"] = Path(out_dir, f"rank{rank}.json")
-    try:
-        rec = SendRecorder()
-        init_distributed(rank, world, f"tcp://127.0.0.1:{port}", timeout=datetime.timedelta(seconds=60))
-        result = {"world2": _world2, "world3": _world3, "world4": _world4}[scenario](rank, rec)
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    os._exit(0)  # skip process-group teardown: the timeout scenario leaves broken groups behind
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    rec = SendRecorder()
+    init_distributed(rank, world, init_method, timeout=datetime.timedelta(seconds=60))
+    return {"world2": _world2, "world3": _world3, "world4": _world4}[scenario](rank, rec)
 
 
 def _spawn(scenario: str, world: int, out_dir: Path) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(scenario, r, world, port, str(out_dir))) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if hung:
-        pytest.fail(f"{scenario}: ranks {hung} still running after {SPAWN_DEADLINE_S} s (hang)")
-    results = []
-    for r in range(world):
-        path = out_dir / f"rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"{scenario}: rank {r} exited without results (exit code {procs[r].exitcode})")
-        results.append(json.loads(path.read_text()))
-    crashes = {r: res["crash"] for r, res in enumerate(results) if "crash" in res}
-    if crashes:
-        pytest.fail(f"{scenario} crashed:\n" + "\n".join(f"rank {r}:\n{tb}" for r, tb in crashes.items()))
-    return results
+    return run_ranks(_rank_main, world, out_dir, SPAWN_DEADLINE_S, scenario, str(out_dir))
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,12 @@ equals the single-process loop. Ranks run in their own processes with a hard dea
 from __future__ import annotations
 
 import datetime
-import json
-import multiprocessing
-import os
-import socket
-import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed import run_ranks
 
 TOLERANCE = 1e-5
 DEADLINE_S = 120
@@ -70,66 +66,30 @@ def _denoise(dit, noise, ctx, neg, identity, adapters, steps: int = 4, guidance:
     return latents
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    result: dict = {}
-    try:
-        from parallel import Collectives, DeviceMesh, ParallelConfig, ShardedDiT, init_distributed
-        from standin.pipeline import StandInPipeline
-        from standin.styles import StyleLoRA, StyleSet
+def _rank_main(rank: int, world: int, init_method: str) -> dict:
+    from parallel import Collectives, DeviceMesh, ParallelConfig, ShardedDiT, init_distributed
+    from standin.pipeline import StandInPipeline
+    from standin.styles import StyleLoRA, StyleSet
 
-        init_distributed(rank, world, f"tcp://127.0.0.1:{port}", timeout=datetime.timedelta(seconds=60))
-        pipe = StandInPipeline.from_preset("tiny", device="cpu", dtype=torch.float32)
-        model = pipe.dit
-        palette = StyleLoRA.load(REPO / "examples" / "tiny_palette_style.safetensors", model)
-        styles = StyleSet([(palette, 1.0), (_random_style(model, rank=4, seed=0), 0.5)])
-        noise, ctx, neg, identity = _request(pipe)
-        single = _denoise(model, noise, ctx, neg, identity, styles)
-        plain = _denoise(model, noise, ctx, neg, identity, None)
-        for name, config in (("ulysses2", ParallelConfig(ulysses=2)), ("ring2", ParallelConfig(ring=2))):
-            sharded = ShardedDiT(model, Collectives(DeviceMesh(config, model.config.num_heads)))
-            sp = _denoise(sharded, noise, ctx, neg, identity, styles)
-            result[name] = {"err": _rel(sp, single), "style_effect": _rel(single, plain)}
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    init_distributed(rank, world, init_method, timeout=datetime.timedelta(seconds=60))
+    pipe = StandInPipeline.from_preset("tiny", device="cpu", dtype=torch.float32)
+    model = pipe.dit
+    palette = StyleLoRA.load(REPO / "examples" / "tiny_palette_style.safetensors", model)
+    styles = StyleSet([(palette, 1.0), (_random_style(model, rank=4, seed=0), 0.5)])
+    noise, ctx, neg, identity = _request(pipe)
+    single = _denoise(model, noise, ctx, neg, identity, styles)
+    plain = _denoise(model, noise, ctx, neg, identity, None)
+    result = {}
+    for name, config in (("ulysses2", ParallelConfig(ulysses=2)), ("ring2", ParallelConfig(ring=2))):
+        sharded = ShardedDiT(model, Collectives(DeviceMesh(config, model.config.num_heads)))
+        sp = _denoise(sharded, noise, ctx, neg, identity, styles)
+        result[name] = {"err": _rel(sp, single), "style_effect": _rel(single, plain)}
+    return result
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("styles_sp")
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if hung:
-        pytest.fail(f"ranks {hung} still running after {DEADLINE_S} s (hang)")
-    results = []
-    for r in range(2):
-        path = out / f"rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"rank {r} exited without results (exit code {procs[r].exitcode})")
-        results.append(json.loads(path.read_text()))
-    crashes = [res["crash"] for res in results if "crash" in res]
-    if crashes:
-        pytest.fail("a rank crashed:\n" + "\n".join(crashes))
-    return results
+    return run_ranks(_rank_main, 2, tmp_path_factory.mktemp("styles_sp"), DEADLINE_S)
 
 
 @pytest.mark.distributed
