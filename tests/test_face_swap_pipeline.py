@@ -13,6 +13,7 @@ import datetime
 import json
 import multiprocessing
 import os
+import re
 import socket
 import time
 import traceback
@@ -296,7 +297,7 @@ def test_cli_bad_video_input_is_one_line_and_exit_2(
     argv = ["generate", "--prompt", PROMPT, "--image", str(tmp_path / "face.png"), "--subject", "object"]
     assert cli.main([*argv, "--video", str(tmp_path / "in.mp4"), *extra, "-o", str(tmp_path / "o.mp4")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and __import__("re").match(message, err[0]), err
+    assert len(err) == 1 and re.match(message, err[0]), err
 
 
 # ---------------------------------------------------------------------------------------------
