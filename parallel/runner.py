@@ -29,6 +29,14 @@ import torch
 from parallel.collectives import Collectives
 from parallel.errors import CollectiveError, PeerFailedError, RequestFailedError
 from parallel.sharded_dit import ShardedDiT
+from parallel.styles import (
+    StyleRef,
+    StyleResolver,
+    check_refs,
+    resolve_styles,
+    style_refs_from_header,
+    styles_digest,
+)
 from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, InvalidRequestError
 from standin.experts import ExpertRun, ExpertSet
@@ -91,6 +99,8 @@ class DenoiseRequest:
     # every rank shards the context tokens like the video tokens and keeps its own hints.
     vace_context: torch.Tensor | None = None
     vace_scale: float = DEFAULT_VACE_SCALE
+    # style LoRAs (parallel/styles.py): sent as references; every rank resolves its own adapters
+    styles: tuple[StyleRef, ...] = ()
 
 
 class SPRunner:
@@ -102,11 +112,13 @@ class SPRunner:
         comm: Collectives,
         experts: ExpertSet | None = None,
         vace: VaceBranch | None = None,
+        styles: StyleResolver | None = None,
     ) -> None:
         """`experts`: a two-expert model's DiTs (standin/experts.py; `model` is then the
         high-noise one, or the offload slot); every rank must be given the same set.
         `vace`: the VACE branch of a Wan2.1-VACE model (the same weights on every rank)."""
         self.vace = vace
+        self.styles = styles  # this rank's style LoRA resolver (its own loaded-LoRA cache)
         self.model = model
         self.comm = comm
         self.mesh = comm.mesh
@@ -142,6 +154,8 @@ class SPRunner:
             "denoising_strength": float(request.denoising_strength),
             "guidance_low": None if request.guidance_low is None else float(request.guidance_low),
             "vace_scale": float(request.vace_scale),
+            "styles": [r.as_tuple() for r in request.styles],
+            "styles_hash": styles_digest(request.styles),
             "tensors": {
                 name: (tuple(t.shape), t.dtype) if t is not None else None
                 for name in _TENSOR_FIELDS
@@ -211,6 +225,7 @@ class SPRunner:
                 header["num_steps"], shift=header["shift"], denoising_strength=strength
             )
             ident = received["identity_latents"]
+            adapters = resolve_styles(self.styles, style_refs_from_header(header))
 
             def build_identity(dit: ShardedDiT, adapters: Any) -> IdentityCache | None:
                 return dit.identity_cache(ident, latents.shape, adapters) if ident is not None else None
@@ -222,6 +237,7 @@ class SPRunner:
                 build_identity,
                 guidance=header["guidance"],
                 guidance_low=header.get("guidance_low"),
+                adapters=adapters,
                 wrap=lambda m: self.dit if m is self.model else ShardedDiT(m, self.comm),
             )
             run.step(0)  # the first expert's identity cache, built here
@@ -262,7 +278,9 @@ class SPRunner:
         t = schedule.timestep(i).to(latents.device).expand(latents.shape[0])
         expert = run.step(i)
         ctx, neg = received["context"], received["negative_context"]
-        velocity = self._velocity(latents, t, ctx, neg, expert.identity, expert.guidance, expert.model, vace)
+        velocity = self._velocity(
+            latents, t, ctx, neg, expert.identity, expert.guidance, expert.model, vace, expert.adapters
+        )
         return schedule.step(velocity, i, latents)
 
     def _velocity(
@@ -275,16 +293,17 @@ class SPRunner:
         guidance: float,
         dit: ShardedDiT | None = None,
         vace: VaceInputs | None = None,
+        adapters: Any = None,
     ) -> torch.Tensor:
         """CFG-combined velocity [B, C_out, F, H, W], the same on every rank (`dit`: the step's
         expert, default the runner's one DiT; `vace`: the request's control, hints per call)."""
         dit = dit or self.dit
         if vace is None:
-            call = functools.partial(dit, identity=identity)
+            call = functools.partial(dit, identity=identity, adapters=adapters)
         else:
             if self.vace is None:
                 raise InvalidRequestError("this model has no VACE branch: a control video needs one")
-            call = vace_call(dit.model, self.vace, vace, identity, plan=dit.plan)
+            call = vace_call(dit.model, self.vace, vace, identity, adapters, plan=dit.plan)
         if self.mesh.config.cfg == 2:
             # Half 0 runs the positive pass, half 1 the negative; one exchange combines them.
             ctx = context if self.mesh.cfg_index == 0 or negative is None else negative
@@ -397,6 +416,8 @@ class SPRunner:
             if self.vace is None:
                 raise InvalidRequestError("this model has no VACE branch: a control video needs one")
             VaceInputs(request.vace_context, request.vace_scale).validate(self.vace.config.in_dim, lat.shape)
+        # styles: references only; rank 0 loads its own first (a missing or bad file fails here)
+        resolve_styles(self.styles, check_refs(request.styles))
         # Raises InvalidRequestError for bad num_steps / shift / strength.
         schedule = FlowMatchSchedule(
             request.num_steps, shift=request.shift, denoising_strength=request.denoising_strength

@@ -72,6 +72,15 @@ class ServeSettings(BaseModel):
     max_video_frames: int = Field(241, ge=1)
     max_video_pixels_per_frame: int = Field(1280 * 720, ge=256)
     max_video_total_pixels: int = Field(1280 * 720 * 121, ge=256)
+    # style LoRAs (serve_app/loras.py): the .safetensors files clients name ("" = none; a local
+    # directory or an fsspec URL such as s3://bucket/loras), what one request may ask, and each
+    # DiT rank's cache of loaded LoRAs (least recently used first out)
+    lora_dir: str = ""
+    max_lora_file_bytes: int = Field(4 * 2**30, ge=1024)
+    max_loras_per_request: int = Field(4, ge=1, le=16)
+    max_lora_scale: float = Field(4.0, gt=0)
+    lora_cache_count: int = Field(8, ge=1)
+    lora_cache_bytes: int = Field(8 * 2**30, ge=1024)
     # jobs and results
     state_dir: str = str(DEFAULT_STATE_DIR)
     job_store: Literal["sqlite", "redis"] = "sqlite"  # sqlite: one node | redis: shared by nodes
