@@ -36,6 +36,7 @@ SCENARIO_TIMEOUT_S = 540
 SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2, "seed": 1}
 MEDIUM = {"size": "96x96", "num_frames": 9, "num_inference_steps": 50, "seed": 2}
 LONG = {"size": "128x128", "num_frames": 17, "num_inference_steps": 50, "seed": 3}
+BURST = 8
 WORKER_NODES = ("node_a", "node_b")
 
 
@@ -225,7 +226,9 @@ class Scenario:
 
             # (b) queue pressure: a second replica, on the other node; idle: back to one.
             t0 = time.monotonic()
-            burst = [self.submit(**LONG) for _ in range(4)]  # ~4 job lengths on one replica
+            # ~8 job lengths on one replica: the queue must outlast a second replica's start (its
+            # actors, imports, process group and weights), which on a loaded 2-core host is slow
+            burst = [self.submit(**LONG) for _ in range(BURST)]
             self.wait_for("2 DiT replicas", lambda: self.running_dit_replicas() == 2, 180)
             self.record(scaled_up_s=time.monotonic() - t0, groups_under_load=self.dit_groups())
             self.record(
@@ -358,7 +361,7 @@ def test_queue_pressure_adds_a_replica_on_the_other_node_and_idle_removes_it(obs
     groups = _get(observed, "groups_under_load")
     assert len(groups) == 2 and all(len(set(g)) == 1 for g in groups)
     assert {g[0] for g in groups} == set(WORKER_NODES)  # one replica per node
-    assert _get(observed, "burst") == ["completed"] * 4
+    assert _get(observed, "burst") == ["completed"] * BURST
     (group,) = _get(observed, "groups_when_idle")
     assert len(set(group)) == 1
 
