@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
-import multiprocessing
-import os
 import re
-import socket
-import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +43,7 @@ from standin.training.synthetic import Clip, render_clip, render_reference
 from standin.training.tiny_recipe import tiny_identities
 from standin.video import decode_mp4, encode_mp4, read_mp4_info, to_uint8_frames
 from standin.video_input import VideoLimits, probe_video
+from tests.distributed import run_ranks
 from tests.test_face_swap import official_sigmas
 
 
@@ -389,40 +384,29 @@ def test_runner_refuses_a_partial_background_request() -> None:
 SPAWN_DEADLINE_S = 100
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        init_distributed(rank, world, f"tcp://127.0.0.1:{port}", timeout=datetime.timedelta(seconds=60))
-        model = random_model()
-        result: dict = {}
-        for name, config in (("ulysses2", ParallelConfig(ulysses=2)), ("cfg2", ParallelConfig(cfg=2))):
-            runner = SPRunner(model, Collectives(DeviceMesh(config, model.config.num_heads)))
-            for consistency in (True, False):
-                p, lat, cond = swap_case(consistency)
-                key = f"{name}/{'consistency' if consistency else 'plain'}"
-                if rank == 0:
-                    got = runner.generate(sp_request(p, lat, cond))
-                    res = {"err": rel(got, single_process(model, p, lat, cond))}
-                    if consistency:
-                        outside = ~lat.hard_mask.bool().expand_as(got)
-                        res["outside_exact"] = bool(torch.equal(got[outside], lat.input_latents[outside]))
-                    result[key] = res
-                else:
-                    runner.serve_one()
+def _rank_main(rank: int, world: int, init_method: str) -> dict:
+    init_distributed(rank, world, init_method, timeout=datetime.timedelta(seconds=60))
+    model = random_model()
+    result: dict = {}
+    for name, config in (("ulysses2", ParallelConfig(ulysses=2)), ("cfg2", ParallelConfig(cfg=2))):
+        runner = SPRunner(model, Collectives(DeviceMesh(config, model.config.num_heads)))
+        for consistency in (True, False):
+            p, lat, cond = swap_case(consistency)
+            key = f"{name}/{'consistency' if consistency else 'plain'}"
             if rank == 0:
-                runner.shutdown()
+                got = runner.generate(sp_request(p, lat, cond))
+                res = {"err": rel(got, single_process(model, p, lat, cond))}
+                if consistency:
+                    outside = ~lat.hard_mask.bool().expand_as(got)
+                    res["outside_exact"] = bool(torch.equal(got[outside], lat.input_latents[outside]))
+                result[key] = res
             else:
-                runner.serve_forever()
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                runner.serve_one()
+        if rank == 0:
+            runner.shutdown()
+        else:
+            runner.serve_forever()
+    return result
 
 
 @pytest.mark.distributed
@@ -431,23 +415,7 @@ def test_sequence_parallel_face_swap_equals_single_process(tmp_path: Path) -> No
     """Two gloo ranks (Ulysses 2, then CFG-parallel 2), each in its own process with a hard
     deadline: the runner's result equals the single-process pipeline's, and with background
     consistency the latents outside the mask are the input latents exactly."""
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    assert not hung, f"ranks {hung} still running after {SPAWN_DEADLINE_S} s (hang)"
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert all("crash" not in r for r in results), results
-    got = results[0]
+    got = run_ranks(_rank_main, 2, tmp_path, SPAWN_DEADLINE_S)[0]
     assert set(got) == {"ulysses2/consistency", "ulysses2/plain", "cfg2/consistency", "cfg2/plain"}
     for key, res in got.items():
         assert res["err"] <= 1e-5, (key, res)
