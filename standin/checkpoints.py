@@ -179,8 +179,10 @@ def save_safetensors_shards(
 
 STANDIN_LORA_FILE = "Stand-In_wan2.1_T2V_14B.ckpt"
 
-# diffusers' WanTransformer3DModel names → official Wan2.1 names, per block and top level.
-_DIFFUSERS_BLOCK = {
+# diffusers' WanTransformer3DModel names → official Wan2.1 names, per block and top level
+# (checkpoints and style LoRAs in the diffusers layout). In diffusers `norm2` is the
+# cross-attention norm (ours `norm3`) and `norm3` the parameter-free FFN norm (ours `norm2`).
+DIFFUSERS_BLOCK_NAMES = {
     "attn1.to_q": "self_attn.q",
     "attn1.to_k": "self_attn.k",
     "attn1.to_v": "self_attn.v",
@@ -198,7 +200,7 @@ _DIFFUSERS_BLOCK = {
     "ffn.net.2": "ffn.2",
     "scale_shift_table": "modulation",
 }
-_DIFFUSERS_TOP = {
+DIFFUSERS_TOP_NAMES = {
     "condition_embedder.text_embedder.linear_1": "text_embedding.0",
     "condition_embedder.text_embedder.linear_2": "text_embedding.2",
     "condition_embedder.time_embedder.linear_1": "time_embedding.0",
@@ -215,15 +217,15 @@ def diffusers_to_official(key: str) -> str | None:
     parts = key.split(".")
     if parts[0] == "blocks" and len(parts) > 2:
         stem, leaf = ".".join(parts[2:]), None
-        if stem not in _DIFFUSERS_BLOCK:
+        if stem not in DIFFUSERS_BLOCK_NAMES:
             stem, leaf = ".".join(parts[2:-1]), parts[-1]
-        if stem in _DIFFUSERS_BLOCK:
-            name = f"blocks.{parts[1]}.{_DIFFUSERS_BLOCK[stem]}"
+        if stem in DIFFUSERS_BLOCK_NAMES:
+            name = f"blocks.{parts[1]}.{DIFFUSERS_BLOCK_NAMES[stem]}"
             return f"{name}.{leaf}" if leaf else name
         return None
-    stem, leaf = (key, None) if key in _DIFFUSERS_TOP else (".".join(parts[:-1]), parts[-1])
-    if stem in _DIFFUSERS_TOP:
-        return f"{_DIFFUSERS_TOP[stem]}.{leaf}" if leaf else _DIFFUSERS_TOP[stem]
+    stem, leaf = (key, None) if key in DIFFUSERS_TOP_NAMES else (".".join(parts[:-1]), parts[-1])
+    if stem in DIFFUSERS_TOP_NAMES:
+        return f"{DIFFUSERS_TOP_NAMES[stem]}.{leaf}" if leaf else DIFFUSERS_TOP_NAMES[stem]
     return None
 
 

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from standin.checkpoints import DIFFUSERS_BLOCK_NAMES, DIFFUSERS_TOP_NAMES
 from standin.config import DiTConfig
 from standin.errors import StandInError
 
@@ -89,36 +90,6 @@ _UNSUPPORTED = {
     "hada_": "LoHa",
     "lokr_": "LoKr",
     "lora_mid": "LoCon with a mid weight",
-}
-# diffusers WanTransformer3DModel layer names → ours (per block). In diffusers `norm2` is the
-# cross-attention norm (ours `norm3`) and `norm3` the parameter-free FFN norm (ours `norm2`).
-_DIFFUSERS_LAYERS = {
-    "attn1.to_q": "self_attn.q",
-    "attn1.to_k": "self_attn.k",
-    "attn1.to_v": "self_attn.v",
-    "attn1.to_out.0": "self_attn.o",
-    "attn1.norm_q": "self_attn.norm_q",
-    "attn1.norm_k": "self_attn.norm_k",
-    "attn2.to_q": "cross_attn.q",
-    "attn2.to_k": "cross_attn.k",
-    "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o",
-    "attn2.norm_q": "cross_attn.norm_q",
-    "attn2.norm_k": "cross_attn.norm_k",
-    "norm2": "norm3",
-    "ffn.net.0.proj": "ffn.0",
-    "ffn.net.2": "ffn.2",
-    "scale_shift_table": "modulation",
-}
-_DIFFUSERS_TOP = {
-    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
-    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
-    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
-    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
-    "condition_embedder.time_proj": "time_projection.1",
-    "patch_embedding": "patch_embedding",
-    "proj_out": "head.head",
-    "scale_shift_table": "head.modulation",
 }
 _DIFFUSERS_MARKERS = (
     ".attn1.",
@@ -411,9 +382,9 @@ def _strip_prefixes(layer: str) -> str:
 def _diffusers_to_ours(layer: str) -> str | None:
     parts = layer.split(".")
     if parts[0] == "blocks" and len(parts) > 2:
-        ours = _DIFFUSERS_LAYERS.get(".".join(parts[2:]))
+        ours = DIFFUSERS_BLOCK_NAMES.get(".".join(parts[2:]))
         return f"blocks.{parts[1]}.{ours}" if ours else None
-    return _DIFFUSERS_TOP.get(layer)
+    return DIFFUSERS_TOP_NAMES.get(layer)
 
 
 def _kohya_table(targets: Mapping[str, Target]) -> dict[str, str]:
@@ -423,10 +394,10 @@ def _kohya_table(targets: Mapping[str, Target]) -> dict[str, str]:
         parts = name.split(".")
         if parts[0] == "blocks":
             rest = ".".join(parts[2:])
-            for theirs, ours in _DIFFUSERS_LAYERS.items():
+            for theirs, ours in DIFFUSERS_BLOCK_NAMES.items():
                 if ours == rest:
                     table.setdefault(f"blocks_{parts[1]}_{theirs.replace('.', '_')}", name)
-    for theirs, ours in _DIFFUSERS_TOP.items():
+    for theirs, ours in DIFFUSERS_TOP_NAMES.items():
         if ours in targets:
             table.setdefault(theirs.replace(".", "_"), ours)
     return table
