@@ -189,8 +189,10 @@ class ScrfdDetector:
             self.input_size = (det_size, det_size)
         self._centres: dict[tuple[int, int, int], np.ndarray] = {}
 
-    def detect(self, image: np.ndarray) -> list[FaceBox]:
-        """Faces in an RGB uint8 image [H, W, 3], best score first."""
+    def raw_outputs(self, image: np.ndarray) -> tuple[list[np.ndarray], float]:
+        """The network's outputs for an RGB uint8 image [H, W, 3] resized into its input
+        (aspect kept, padded at the right/bottom) — scores, box distances and, for `bnkps`
+        models, keypoints per stride — and the resize scale (input pixels per image pixel)."""
         in_w, in_h = self.input_size
         h, w = image.shape[:2]
         if h / w > in_h / in_w:
@@ -200,18 +202,33 @@ class ScrfdDetector:
             new_w = in_w
             new_h = int(new_w * (h / w))
         new_w, new_h = max(new_w, 1), max(new_h, 1)
-        scale = new_h / h
         canvas = np.zeros((in_h, in_w, 3), dtype=np.uint8)
         canvas[:new_h, :new_w] = resize_bilinear(image, new_w, new_h)
         blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
         outs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(blob)})
+        return outs, new_h / h
 
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        """Faces in an RGB uint8 image [H, W, 3], best score first."""
+        boxes, scores, _ = self.detections(image, keypoints=False)
+        return [FaceBox(*map(float, b), float(s)) for b, s in zip(boxes, scores, strict=True)]
+
+    def detections(
+        self, image: np.ndarray, keypoints: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Decoded faces above the threshold after NMS, best first: boxes [N, 4] (x0, y0, x1, y1)
+        and, with `keypoints` (a `bnkps` model), the 5 keypoints [N, 5, 2], in image pixels
+        (float64); scores [N]."""
+        outs, scale = self.raw_outputs(image)
+        in_w, in_h = self.input_size
         n = len(self.strides)
-        all_boxes, all_scores = [], []
+        all_boxes, all_points, all_scores = [], [], []
         for i, stride in enumerate(self.strides):
             scores, dist = outs[i], outs[i + n]
+            kps = outs[i + 2 * n] if keypoints else None
             if self.batched:
                 scores, dist = scores[0], dist[0]
+                kps = kps[0] if kps is not None else None
             scores = scores.reshape(-1)
             dist = dist.reshape(-1, 4) * stride
             centres = self._anchor_centres(in_h // stride, in_w // stride, stride)
@@ -219,12 +236,15 @@ class ScrfdDetector:
             c, d = centres[keep], dist[keep]
             all_boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
             all_scores.append(scores[keep])
-        boxes = np.concatenate(all_boxes) / scale
+            if kps is not None:
+                all_points.append(c[:, None, :] + kps.reshape(-1, 5, 2)[keep] * stride)
         scores = np.concatenate(all_scores)
         if scores.size == 0:
-            return []
-        keep = nms(boxes, scores, self.nms_threshold)
-        return [FaceBox(*map(float, boxes[k]), float(scores[k])) for k in keep]
+            return np.zeros((0, 4)), scores, (np.zeros((0, 5, 2)) if keypoints else None)
+        boxes = np.concatenate(all_boxes).astype(np.float64) / scale
+        kept = nms(boxes, scores, self.nms_threshold)
+        points = np.concatenate(all_points).astype(np.float64)[kept] / scale if keypoints else None
+        return boxes[kept], scores[kept], points
 
     def _anchor_centres(self, rows: int, cols: int, stride: int) -> np.ndarray:
         """[rows*cols*num_anchors, 2] (x, y) in input pixels: x fastest, anchors innermost."""

@@ -30,7 +30,6 @@ from standin.face_detectors import (
     RetinaFaceDetector,
     ScrfdDetector,
     nms,
-    resize_bilinear,
     retina_anchors,
 )
 
@@ -144,43 +143,8 @@ class ScrfdLandmarkDetector:
 
     def detect_landmarks(self, image: np.ndarray) -> list[FaceLandmarks]:
         """Faces in an RGB uint8 image ``[H, W, 3]``, best score first."""
-        det = self.detector
-        in_w, in_h = det.input_size
-        h, w = image.shape[:2]
-        if h / w > in_h / in_w:
-            new_h = in_h
-            new_w = int(new_h / (h / w))
-        else:
-            new_w = in_w
-            new_h = int(new_w * (h / w))
-        new_w, new_h = max(new_w, 1), max(new_h, 1)
-        scale = new_h / h
-        canvas = np.zeros((in_h, in_w, 3), dtype=np.uint8)
-        canvas[:new_h, :new_w] = resize_bilinear(image, new_w, new_h)
-        blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        outs = det.session.run(det.output_names, {det.input_name: np.ascontiguousarray(blob)})
-
-        n = len(det.strides)
-        all_boxes, all_points, all_scores = [], [], []
-        for i, stride in enumerate(det.strides):
-            scores, dist, kps = outs[i], outs[i + n], outs[i + 2 * n]
-            if det.batched:
-                scores, dist, kps = scores[0], dist[0], kps[0]
-            scores = scores.reshape(-1)
-            dist = dist.reshape(-1, 4) * stride
-            kps = kps.reshape(-1, NUM_LANDMARKS, 2) * stride
-            centres = det._anchor_centres(in_h // stride, in_w // stride, stride)
-            keep = scores >= det.threshold
-            c, d = centres[keep], dist[keep]
-            all_boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
-            all_points.append(c[:, None, :] + kps[keep])
-            all_scores.append(scores[keep])
-        scores = np.concatenate(all_scores)
-        if scores.size == 0:
-            return []
-        boxes = np.concatenate(all_boxes).astype(np.float64) / scale
-        points = np.concatenate(all_points).astype(np.float64) / scale
-        kept = nms(boxes, scores, det.nms_threshold)
+        boxes, scores, points = self.detector.detections(image, keypoints=True)
         return [
-            FaceLandmarks(FaceBox(*map(float, boxes[k]), float(scores[k])), points[k].copy()) for k in kept
+            FaceLandmarks(FaceBox(*map(float, b), float(s)), p.copy())
+            for b, s, p in zip(boxes, scores, points, strict=True)
         ]
