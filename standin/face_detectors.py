@@ -317,6 +317,12 @@ class RetinaFaceDetector:
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         """Faces in an RGB uint8 image [H, W, 3], best score first."""
+        boxes, scores, _ = self.detections(image)
+        return [FaceBox(*map(float, b), float(s)) for b, s in zip(boxes, scores, strict=True)]
+
+    def detections(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decoded faces above the threshold after NMS, best first: boxes [N, 4] (x0, y0, x1, y1),
+        scores [N] and the 5 landmarks [N, 5, 2], in image pixels (float64)."""
         h, w = image.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         if scale < 1.0:
@@ -324,20 +330,24 @@ class RetinaFaceDetector:
             image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
         in_h, in_w = image.shape[:2]
         blob = (image[..., ::-1].astype(np.float32) - RETINA_BGR_MEAN).transpose(2, 0, 1)[None]
-        loc, conf, _ = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})
+        loc, conf, landms = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})
         anchors = retina_anchors(in_w, in_h)  # [N, 4] (cx, cy, w, h), relative
-        loc, scores = loc[0], conf[0][:, 1]
+        loc, scores, landms = loc[0], conf[0][:, 1], landms[0]
         keep = scores > self.threshold
-        loc, anchors, scores = loc[keep], anchors[keep], scores[keep]
+        loc, anchors, scores, landms = loc[keep], anchors[keep], scores[keep], landms[keep]
         if scores.size == 0:
-            return []
+            return np.zeros((0, 4)), scores, np.zeros((0, 5, 2))
         v_c, v_s = RETINA_VARIANCES
         centre = anchors[:, :2] + loc[:, :2] * v_c * anchors[:, 2:]
         size = anchors[:, 2:] * np.exp(loc[:, 2:] * v_s)
         boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
-        boxes *= np.array([in_w, in_h, in_w, in_h], dtype=np.float32) / scale
+        to_image = np.array([in_w, in_h], dtype=np.float64) / scale
+        boxes = boxes.astype(np.float64) * np.tile(to_image, 2)
+        # Landmarks are offsets from the anchor centre in units of v_c × anchor size.
+        points = anchors[:, None, :2] + landms.reshape(-1, 5, 2) * v_c * anchors[:, None, 2:]
+        points = points.astype(np.float64) * to_image
         kept = nms(boxes, scores, self.nms_threshold)
-        return [FaceBox(*map(float, boxes[k]), float(scores[k])) for k in kept]
+        return boxes[kept], scores[kept], points[kept]
 
 
 def retina_anchors(width: int, height: int) -> np.ndarray:

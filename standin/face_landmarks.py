@@ -20,17 +20,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
 
 from standin.errors import FaceModelError
 from standin.face_detectors import (
-    RETINA_BGR_MEAN,
-    RETINA_VARIANCES,
     FaceBox,
     RetinaFaceDetector,
     ScrfdDetector,
-    nms,
-    retina_anchors,
 )
 
 log = logging.getLogger(__name__)
@@ -92,33 +87,10 @@ class RetinaFaceLandmarkDetector:
 
     def detect_landmarks(self, image: np.ndarray) -> list[FaceLandmarks]:
         """Faces in an RGB uint8 image ``[H, W, 3]``, best score first."""
-        det = self.detector
-        h, w = image.shape[:2]
-        scale = min(1.0, det.max_side / max(h, w))
-        if scale < 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-        in_h, in_w = image.shape[:2]
-        blob = (image[..., ::-1].astype(np.float32) - RETINA_BGR_MEAN).transpose(2, 0, 1)[None]
-        loc, conf, landms = det.session.run(None, {det.input_name: np.ascontiguousarray(blob)})
-        anchors = retina_anchors(in_w, in_h)  # [N, 4] (cx, cy, w, h), relative
-        loc, scores, landms = loc[0], conf[0][:, 1], landms[0]
-        keep = scores > det.threshold
-        loc, anchors, scores, landms = loc[keep], anchors[keep], scores[keep], landms[keep]
-        if scores.size == 0:
-            return []
-        v_c, v_s = RETINA_VARIANCES
-        centre = anchors[:, :2] + loc[:, :2] * v_c * anchors[:, 2:]
-        size = anchors[:, 2:] * np.exp(loc[:, 2:] * v_s)
-        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
-        to_input = np.array([in_w, in_h], dtype=np.float64) / scale
-        boxes = boxes.astype(np.float64) * np.tile(to_input, 2)
-        # Landmarks are offsets from the anchor centre in units of v_c × anchor size.
-        points = anchors[:, None, :2] + landms.reshape(-1, NUM_LANDMARKS, 2) * v_c * anchors[:, None, 2:]
-        points = points.astype(np.float64) * to_input
-        kept = nms(boxes, scores, det.nms_threshold)
+        boxes, scores, points = self.detector.detections(image)
         return [
-            FaceLandmarks(FaceBox(*map(float, boxes[k]), float(scores[k])), points[k].copy()) for k in kept
+            FaceLandmarks(FaceBox(*map(float, b), float(s)), p.copy())
+            for b, s, p in zip(boxes, scores, points, strict=True)
         ]
 
 
