@@ -27,10 +27,12 @@ from standin.errors import InvalidRequestError
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams
 from standin.presets import get_preset
 from standin.sdedit import DEFAULT_DENOISING_STRENGTH
+from standin.vace import DEFAULT_VACE_SCALE, MAX_VACE_SCALE
 from standin.video import DEFAULT_FPS, MAX_FPS
 
 if TYPE_CHECKING:
     from serve_app.face_swap import VideoUpload
+    from serve_app.vace import ControlUpload
 
 NATIVE_FPS = 16  # Wan2.1 generates at 16 frames per second; `seconds` counts at this rate
 
@@ -78,6 +80,9 @@ class VideoRequest:
     video: VideoUpload | None = None
     denoising_strength: float | None = None
     background_consistency: bool = False
+    # VACE control (serve_app/vace.py): the control video (+ mask, + first frame) and its scale
+    control: ControlUpload | None = None
+    vace_scale: float | None = None
 
     def to_job_request(self) -> dict[str, Any]:
         p = self.params
@@ -99,6 +104,17 @@ class VideoRequest:
             "has_mask": self.video is not None and self.video.mask is not None,
             "denoising_strength": self.denoising_strength,
             "background_consistency": self.background_consistency,
+            **(
+                {}
+                if self.control is None
+                else {
+                    "mode": "vace_control",
+                    "has_control_video": True,
+                    "has_control_mask": self.control.mask is not None,
+                    "has_first_frame": self.control.first_frame is not None,
+                    "vace_scale": self.vace_scale,
+                }
+            ),
         }
 
 
@@ -134,6 +150,10 @@ _FIELDS = {
     "input_mask",
     "denoising_strength",
     "background_consistency",
+    "control_video",
+    "control_mask",
+    "first_frame",
+    "vace_scale",
 }
 
 
@@ -252,6 +272,7 @@ def parse_video_request(
     *,
     form: bool,
     video: VideoUpload | None = None,
+    control: ControlUpload | None = None,
 ) -> VideoRequest:
     """Validate POST /v1/videos fields (multipart: strings; JSON: typed values). `video`: a face
     swap's uploads, already checked (`serve_app.face_swap.check_video_upload`)."""
@@ -334,9 +355,13 @@ def parse_video_request(
             code="frames_out_of_range",
         )
 
+    has_vace = preset.vace is not None and preset.experts is None  # two-expert models: no VACE
+    vace_scale = _vace_options(fields, form, control, video is not None, has_vace)
     strength, consistency = _face_swap_options(fields, form, video is not None)
     if video is not None:
         width, height, frames, fps = _face_swap_shape(fields, image, video, settings)
+    if control is not None:
+        width, height, frames = _control_shape(fields, control, settings)
 
     steps = _int(fields, "num_inference_steps", form)
     steps = preset.num_steps if steps is None else steps
@@ -378,6 +403,8 @@ def parse_video_request(
         video=video,
         denoising_strength=strength,
         background_consistency=consistency,
+        control=control,
+        vace_scale=vace_scale,
     )
 
 
@@ -453,6 +480,59 @@ def _face_swap_shape(
     return width, height, frames, fps
 
 
+def _vace_options(
+    fields: dict[str, Any], form: bool, control: ControlUpload | None, has_video: bool, has_vace: bool
+) -> float | None:
+    """vace_scale (in [0, 10], default 0.8) given control_video; None without one."""
+    scale = _float(fields, "vace_scale", form)
+    if control is None:
+        if scale is not None:
+            message = "vace_scale applies to VACE control: send control_video too"
+            raise APIError(400, message, param="vace_scale")
+        return None
+    if has_video:
+        message = "control_video and input_video (face swap) cannot be combined"
+        raise APIError(400, message, param="control_video")
+    if not has_vace:
+        raise APIError(
+            400, "this model has no VACE branch: control_video needs a VACE preset", param="control_video"
+        )
+    scale = DEFAULT_VACE_SCALE if scale is None else scale
+    if not 0 <= scale <= MAX_VACE_SCALE:
+        message = f"vace_scale must be in [0, {MAX_VACE_SCALE:g}], got {scale:g}"
+        raise APIError(422, message, param="vace_scale")
+    return scale
+
+
+def _control_shape(
+    fields: dict[str, Any], control: ControlUpload, settings: ServeSettings
+) -> tuple[int, int, int]:
+    """(width, height, num_frames) of a VACE request: the control video's, within the limits."""
+    for name in ("size", "seconds", "num_frames"):
+        if fields.get(name) not in (None, ""):
+            raise APIError(
+                400, f"{name}: with control_video the size and frame count come from the video", param=name
+            )
+    width, height, frames = control.width, control.height, control.num_frames
+    if width > settings.max_width or height > settings.max_height:
+        raise APIError(
+            422,
+            f"control_video is {width}x{height} after cropping to multiples of 16; this server generates "
+            f"at most {settings.max_width}x{settings.max_height}",
+            param="control_video",
+            code="unsupported_size",
+        )
+    if frames > settings.max_frames:
+        raise APIError(
+            422,
+            f"control_video gives {frames} frames (the largest 4k+1); this server generates at most "
+            f"{settings.max_frames}",
+            param="control_video",
+            code="frames_out_of_range",
+        )
+    return width, height, frames
+
+
 def _api_param(message: str) -> str | None:
     first = message.split(" ", 1)[0]
     return {
@@ -500,6 +580,8 @@ def video_object(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "seed": r["seed"],
         "num_inference_steps": r["num_steps"],
         "guidance_scale": r["guidance_scale"],
+        "shift": r["shift"],
+        "loras": [{"name": d["name"], "scale": d["scale"]} for d in r.get("loras") or ()],
         "subject": r["subject"],
         "has_reference": r["has_reference"],
         "mode": r.get("mode", "text_to_video"),
@@ -567,11 +649,20 @@ class CreateVideoJSON(_VideoFields):
     guidance_scale: float | None = None
     shift: float | None = None
     fps: float | None = None
+    loras: list[LoraField] | None = Field(None, description="style LoRAs by name (GET /v1/loras), stacked")
     input_reference: ImageURL | str | None = Field(None, description="the identity image as a data URL")
     input_video: VideoURL | str | None = Field(
         None, description="face swap: the video (MP4/MOV/MKV/WebM) as a data URL; remote URLs are refused"
     )
     input_mask: VideoURL | str | None = Field(None, description="face swap: a mask video (white = face)")
+    control_video: VideoURL | str | None = Field(
+        None, description="VACE: a control video (pose/depth/…) the output follows; size and frames are its"
+    )
+    control_mask: VideoURL | str | None = Field(
+        None, description="VACE: a mask video for control_video (white = generate)"
+    )
+    first_frame: str | None = Field(None, description="VACE: a reference image as a data URL")
+    vace_scale: float | None = Field(None, description="VACE: strength of the control in [0, 10] (0.8)")
     denoising_strength: float | None = Field(None, description="face swap: SDEdit strength in (0, 1]")
     background_consistency: bool | None = Field(
         None, description="face swap: keep the input outside the mask"
@@ -588,6 +679,9 @@ class CreateVideoForm(_VideoFields):
     guidance_scale: str | None = None
     shift: str | None = None
     fps: str | None = None
+    loras: str | None = Field(
+        None, description='style LoRAs as a JSON string: [{"name": "ghibli", "scale": 0.8}]'
+    )
     input_reference: bytes | None = Field(
         None,
         description="the identity image file (JPEG, PNG, WebP, AVIF)",
@@ -605,6 +699,29 @@ class CreateVideoForm(_VideoFields):
     )
     denoising_strength: str | None = None
     background_consistency: str | None = None
+    control_video: bytes | None = Field(
+        None,
+        description="VACE: a control video file (pose/depth/…); size and frames are its",
+        json_schema_extra={"format": "binary"},
+    )
+    control_mask: bytes | None = Field(
+        None,
+        description="VACE: a mask video file for control_video (white = generate)",
+        json_schema_extra={"format": "binary"},
+    )
+    first_frame: bytes | None = Field(
+        None, description="VACE: a reference image file", json_schema_extra={"format": "binary"}
+    )
+    vace_scale: str | None = None
+
+
+class LoraField(BaseModel):
+    """One style LoRA of a request (serve_app/loras.py validates; multipart: the list as JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="a name from GET /v1/loras")
+    scale: float = Field(1.0, description="strength = scale × alpha / rank; |scale| ≤ max_lora_scale")
 
 
 class ErrorDetail(BaseModel):
@@ -644,10 +761,13 @@ class Video(BaseModel):
     seed: int
     num_inference_steps: int
     guidance_scale: float
+    shift: float = Field(description="the flow-matching schedule's shift")
+    loras: list[LoraField] = Field(description="the style LoRAs applied, with their scales")
     subject: str
     has_reference: bool
-    mode: Literal["text_to_video", "face_swap"] = Field(
-        description="face_swap: the input video with the reference's face (size, frames, fps are its)"
+    mode: Literal["text_to_video", "face_swap", "vace_control"] = Field(
+        description="face_swap: the input video with the reference's face (size, frames, fps are its); "
+        "vace_control: follows the control video (size and frames are its)"
     )
     denoising_strength: float | None = Field(description="face swap: where SDEdit started")
     background_consistency: bool

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--profile",
-        choices=["cpu", "gpu", "gpu-wan2.2"],
-        help="gpu: the packaged Wan2.1 14B, SP=8 profile; gpu-wan2.2: Wan2.2 A14B (two experts), SP=8",
+        choices=["cpu", "gpu", "gpu-wan2.2", "gpu-vace"],
+        help="gpu: the packaged Wan2.1 14B, SP=8 profile; gpu-wan2.2: Wan2.2 A14B (two experts), SP=8; "
+        "gpu-vace: Wan2.1-VACE 14B (control videos), SP=8",
     )
     srv.add_argument("--address", help="join this running Ray cluster instead of starting one")
     srv.add_argument("--host", help="HTTP host (default: the config's)")

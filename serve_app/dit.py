@@ -49,8 +49,9 @@ from parallel import (
 from parallel.rendezvous import free_port
 from serve_app.face_swap import denoise_request_fields
 from serve_app.jobs import AsyncJobStore, open_job_store
-from serve_app.models import device_of, load_dit, load_experts
+from serve_app.models import device_of, load_dit, load_experts, load_vace
 from serve_app.settings import ServeSettings
+from serve_app.vace import control_request_fields, drop_reference_frame
 from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError
 from standin.experts import HIGH
@@ -88,7 +89,8 @@ class RankState:
             model = load_dit(settings)
         config = ParallelConfig.for_world(world, model.config.num_heads, cfg=settings.cfg_degree)
         mesh = DeviceMesh(config, model.config.num_heads, device=self.device, timeout=timeout)
-        self.runner = SPRunner(model, Collectives(mesh), experts)
+        # Wan2.1-VACE (and tiny): the control branch on every rank, beside the DiT
+        self.runner = SPRunner(model, Collectives(mesh), experts, load_vace(settings))
         log.info("rank %d/%d ready: %s on %s", rank, world, config, self.device)
 
 
@@ -280,6 +282,9 @@ class DiTReplica:
         face_swap = conditioning.get("face_swap")
         # a face swap starts from its input video's noised latents (+ background consistency)
         start = denoise_request_fields(face_swap) if face_swap else {"latents": initial_noise(params)}
+        vace = conditioning.get("vace")
+        if vace is not None:  # VACE control: its context and scale (+ a first frame's longer noise)
+            start = control_request_fields(params, vace, vace["scale"])
         request = DenoiseRequest(
             **start,
             context=conditioning["context"],  # type: ignore[arg-type]
@@ -290,7 +295,7 @@ class DiTReplica:
             shift=params.shift,
         )
         latents = self.rank0.runner.generate(request, progress, cancel.is_set)
-        return latents.float().cpu()
+        return drop_reference_frame(latents, vace).float().cpu()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -48,8 +48,16 @@ from serve_app.api import (
 from serve_app.face_swap import VIDEO_FIELDS, decode_video_data_url, video_upload
 from serve_app.jobs import AsyncJobStore, Job, JobStore, open_job_store
 from serve_app.metrics import JobMetrics
-from serve_app.results import ResultStore, input_mask_key, input_video_key, job_keys, reference_key
+from serve_app.results import (
+    ResultStore,
+    control_keys,
+    input_mask_key,
+    input_video_key,
+    job_keys,
+    reference_key,
+)
 from serve_app.settings import ServeSettings
+from serve_app.vace import CONTROL_FIELDS, control_upload
 from standin.errors import InvalidImageError
 from standin.image_io import ImageLimits, decode_image
 
@@ -160,7 +168,7 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], byt
 
     copy = Request(request.scope, replay)
     try:
-        form = await copy.form(max_files=1 + len(VIDEO_FIELDS), max_fields=32)
+        form = await copy.form(max_files=1 + len(_UPLOAD_FIELDS), max_fields=32)
     except Exception:  # malformed multipart (the parser's message may quote raw bytes)
         raise APIError(400, "malformed multipart body") from None
     fields: dict[str, Any] = {}
@@ -170,9 +178,9 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], byt
         check_text(name, "field name")
         if name in fields or name in videos or (name == "input_reference" and image is not None):
             raise APIError(400, f"field {name!r} given twice", param=name)
-        if isinstance(value, str) and name in VIDEO_FIELDS:
+        if isinstance(value, str) and name in _UPLOAD_FIELDS:
             raise APIError(400, f"{name} must be a file part (or use JSON with a data URL)", param=name)
-        if not isinstance(value, str) and name in VIDEO_FIELDS:
+        if not isinstance(value, str) and name in _UPLOAD_FIELDS:
             videos[name] = await value.read()
         elif isinstance(value, str):
             if name == "input_reference":
@@ -188,6 +196,10 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], byt
             image = await value.read()
     await form.close()
     return fields, image, videos
+
+
+# every file upload besides input_reference: a face swap's videos, a VACE request's control
+_UPLOAD_FIELDS = VIDEO_FIELDS + CONTROL_FIELDS
 
 
 def _check_image(data: bytes, max_bytes: int) -> None:
@@ -335,6 +347,11 @@ class Ingress:
         if video.video is not None:  # a face swap's video (and mask)
             uploads[input_video_key(job.id)] = video.video.video
             uploads[input_mask_key(job.id)] = video.video.mask
+        if video.control is not None:  # a VACE request's control video (mask, first frame)
+            keys = control_keys(job.id)
+            uploads[keys["control_video"]] = video.control.video
+            uploads[keys["control_mask"]] = video.control.mask
+            uploads[keys["first_frame"]] = video.control.first_frame
         uploads = {key: data for key, data in uploads.items() if data is not None}
         # large inputs live in the results store, not the job store
         for key, data in uploads.items():
@@ -474,8 +491,9 @@ class Ingress:
 
     async def _parse(self, request: Request) -> VideoRequest:
         s = self.settings
-        # a face swap's video and mask ride in the same body (base64 in JSON)
-        limit = (s.max_upload_bytes + 2 * s.max_video_bytes) * 4 // 3 + BODY_OVERHEAD
+        # a face swap's video and mask (or a VACE control, mask and first frame) ride in the same
+        # body (base64 in JSON)
+        limit = (2 * s.max_upload_bytes + 2 * s.max_video_bytes) * 4 // 3 + BODY_OVERHEAD
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
@@ -500,7 +518,7 @@ class Ingress:
                 image = decode_data_url(ref, s.max_upload_bytes)
             videos = {
                 name: decode_video_data_url(value, s.max_video_bytes, name)
-                for name in VIDEO_FIELDS
+                for name in _UPLOAD_FIELDS
                 if (value := fields.pop(name, None)) is not None
             }
             form = False
@@ -510,7 +528,8 @@ class Ingress:
         if image is not None:
             await asyncio.to_thread(_check_image, image, s.max_upload_bytes)
         upload = await asyncio.to_thread(video_upload, videos.get("input_video"), videos.get("input_mask"), s)
-        return parse_video_request(fields, image, s, form=form, video=upload)
+        control = await asyncio.to_thread(control_upload, *(videos.get(n) for n in CONTROL_FIELDS), s)
+        return parse_video_request(fields, image, s, form=form, video=upload, control=control)
 
     async def _visible(self, video_id: str, owner: str | None) -> Job:
         job = await self.store.get(video_id)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PROFILES = {
     "gpu": Path(__file__).parent / "profiles" / "gpu.yaml",
     "gpu-wan2.2": Path(__file__).parent / "profiles" / "gpu-wan2.2.yaml",
+    "gpu-vace": Path(__file__).parent / "profiles" / "gpu-vace.yaml",
 }
 # ServeSettings args that name files: made absolute here, since replicas run elsewhere.
 PATH_ARGS = (

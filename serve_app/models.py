@@ -15,6 +15,7 @@ from standin.experts import HIGH, LOW, ExpertSet
 from standin.pipeline import StandInPipeline
 from standin.presets import STANDIN_FILE, VAE_FILE, get_preset
 from standin.text_encoder import TextEncoder
+from standin.vace import VaceBranch, load_vace_branch, load_vace_dit
 from standin.vae import WanVAE, load_wan_vae
 from standin.wan22 import check_two_expert_dir, load_expert_dits, standin_paths
 
@@ -60,8 +61,27 @@ def load_dit(settings: ServeSettings) -> WanDiT:
         return _tiny_pipeline(settings).dit
     ckpt = _checkpoint_dir(settings)
     lora = Path(settings.standin_checkpoint) if settings.standin_checkpoint else ckpt / STANDIN_FILE
+    if preset.vace is not None:  # Wan2.1-VACE: the DiT's tensors of the shards (the branch: load_vace)
+        dit, _ = load_vace_dit(
+            ckpt, preset.dit, preset.vace, lora_path=lora, dtype=dtype_of(settings),
+            device=device_of(settings), with_branch=False,
+        )
+        return dit
     return load_wan_dit(
         ckpt, preset.dit, lora_path=lora, dtype=dtype_of(settings), device=device_of(settings)
+    )
+
+
+def load_vace(settings: ServeSettings) -> VaceBranch | None:
+    """The preset's VACE branch (every rank reads it: only the `vace_*` tensors), or None."""
+    preset = get_preset(settings.preset)
+    if preset.vace is None or preset.experts is not None:
+        return None
+    if not preset.needs_checkpoint:
+        return _tiny_pipeline(settings).vace  # None when the tiny branch file is absent
+    return load_vace_branch(
+        _checkpoint_dir(settings), preset.dit, preset.vace, dtype=dtype_of(settings),
+        device=device_of(settings),
     )
 
 

@@ -19,6 +19,7 @@ from ray import serve
 from serve_app.face_swap import encode_face_swap
 from serve_app.models import device_of, load_encoders
 from serve_app.settings import ServeSettings
+from serve_app.vace import encode_control_request
 from standin.face import FaceConfig, FacePreprocessor
 from standin.face_swap_request import FaceSwapOptions
 from standin.image_io import ImageLimits
@@ -102,15 +103,20 @@ class Preprocessor:
         image: bytes | None,
         subject: str = "face",
         face_swap: dict[str, Any] | None = None,
+        vace: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """→ {"context": [1, L, D], "negative_context": [1, L, D] | None,
         "identity_latents": [1, 16, 1, 64, 64] | None}. Raises InvalidImageError for a bad photo.
 
         `face_swap` ({"params", "video", "mask", "denoising_strength", "background_consistency"})
         adds "face_swap": the decoded, pasted and encoded input video
-        (`serve_app.face_swap.encode_face_swap`); InvalidVideoError for a bad video."""
+        (`serve_app.face_swap.encode_face_swap`); InvalidVideoError for a bad video.
+        `vace` ({"video", "mask", "first_frame", "scale"}) adds "vace": the control's VACE context
+        and shape (`serve_app.vace.encode_control_request`) and the scale."""
         async with self._lock:
-            return await asyncio.to_thread(self._encode, prompt, negative_prompt, image, subject, face_swap)
+            return await asyncio.to_thread(
+                self._encode, prompt, negative_prompt, image, subject, face_swap, vace
+            )
 
     def _encode(
         self,
@@ -119,6 +125,7 @@ class Preprocessor:
         image: bytes | None,
         subject: str,
         face_swap: dict[str, Any] | None = None,
+        vace: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         out: dict[str, Any] = {
             "context": self._prompt(prompt),
@@ -140,6 +147,9 @@ class Preprocessor:
                 face_swap["mask"],
                 self.settings,
             )
+        if vace is not None:
+            encoded = encode_control_request(self.vae, self.device, vace, self.settings)
+            out["vace"] = {**encoded, "scale": float(vace["scale"])}
         return out
 
     @torch.no_grad()

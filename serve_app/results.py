@@ -39,6 +39,11 @@ def input_mask_key(job_id: str) -> str:
     return f"{job_id}.mask"
 
 
+def control_keys(job_id: str) -> dict[str, str]:
+    """A VACE request's uploads: the control video, its mask and the first-frame image."""
+    return {name: f"{job_id}.{name}" for name in ("control_video", "control_mask", "first_frame")}
+
+
 def conditioning_key(job_id: str, attempt: int) -> str:
     return f"{job_id}.a{attempt}.conditioning"
 
@@ -52,6 +57,7 @@ def job_keys(job: Job) -> list[str]:
     keys = [reference_key(job.id)] if job.request.get("has_reference") else []
     keys += [input_video_key(job.id)] if job.request.get("has_video") else []
     keys += [input_mask_key(job.id)] if job.request.get("has_mask") else []
+    keys += [key for name, key in control_keys(job.id).items() if job.request.get(f"has_{name}")]
     return keys + [k for k in (job.conditioning_key, job.result_key) if k]
 
 

@@ -41,6 +41,7 @@ from serve_app.metrics import JobMetrics
 from serve_app.results import (
     ResultStore,
     conditioning_key,
+    control_keys,
     input_mask_key,
     input_video_key,
     job_keys,
@@ -48,6 +49,7 @@ from serve_app.results import (
     video_key,
 )
 from serve_app.settings import ServeSettings
+from serve_app.vace import control_params
 from standin.errors import InvalidImageError, InvalidRequestError, InvalidVideoError
 
 log = logging.getLogger(__name__)
@@ -242,6 +244,8 @@ class JobRunner:
         self.results.delete(reference_key(job_id))
         self.results.delete(input_video_key(job_id))
         self.results.delete(input_mask_key(job_id))
+        for key in control_keys(job_id).values():
+            self.results.delete(key)
         for attempt in range(1, self.settings.max_attempts + 1):
             self.results.delete(conditioning_key(job_id, attempt))
 
@@ -256,6 +260,8 @@ class JobRunner:
         if conditioning.get("face_swap") is not None:  # the decoded video decides size, frames, fps
             params = swapped_params(params, conditioning["face_swap"])
             fps = float(conditioning["face_swap"]["fps"])
+        if conditioning.get("vace") is not None:  # the decoded control video decides size and frames
+            params = control_params(params, conditioning["vace"])
         fence = {"id": job.id, "owner": lease.owner, "attempt": lease.attempt}
         stream = self.dit.options(stream=True).denoise.remote(params, conditioning, fence)
         latents = None
@@ -328,6 +334,17 @@ class JobRunner:
             "background_consistency": r["background_consistency"],
         }
 
+    async def _control_inputs(self, job: Job) -> dict[str, Any]:
+        """What the Preprocessor needs for a VACE request: the control uploads and the scale."""
+        r, keys = job.request, control_keys(job.id)
+        out: dict[str, Any] = {"scale": r["vace_scale"]}
+        for name, key in keys.items():  # control_video → "video", control_mask → "mask", first_frame
+            data = await asyncio.to_thread(self.results.get, key) if r.get(f"has_{name}") else None
+            if r.get(f"has_{name}") and data is None:
+                raise JobFailedError("input_lost", f"the uploaded {name} is no longer stored")
+            out[name.removeprefix("control_")] = data
+        return out
+
     async def _conditioning(self, job: Job, lease: Lease, params: Any) -> dict[str, torch.Tensor | None]:
         """Encoded prompt/face: saved by an earlier attempt, or from the Preprocessor (then saved
         under this attempt's key and published by a fenced write)."""
@@ -343,9 +360,10 @@ class JobRunner:
                 raise JobFailedError("input_lost", "the reference image is no longer stored")
         negative = params.negative_prompt if params.guidance_scale != 1.0 else None
         face_swap = await self._face_swap_inputs(job, params) if r.get("has_video") else None
+        vace = await self._control_inputs(job) if r.get("has_control_video") else None
         try:
             cond = await self.preprocessor.encode.remote(
-                params.prompt, negative, image, r["subject"], face_swap
+                params.prompt, negative, image, r["subject"], face_swap, vace
             )
         except Exception as exc:
             permanent = classify_preprocessing_error(exc)

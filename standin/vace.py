@@ -295,19 +295,22 @@ def load_vace_dit(
     lora_path: Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
-) -> tuple[WanDiT, VaceBranch]:
+    with_branch: bool = True,
+) -> tuple[WanDiT, VaceBranch | None]:
     """The DiT and its VACE branch from one official Wan2.1-VACE checkpoint, strictly.
 
     dit_path: a Wan2.1-VACE directory (`diffusion_pytorch_model-0000i-of-0000n.safetensors`
     + index, holding `blocks.*` … and `vace_*` keys) or one .safetensors file. The file is read
     once; `vace_blocks.*` / `vace_patch_embedding.*` go to the branch, everything else (+ the
     Stand-In LoRA from `lora_path`) to the DiT. Any missing, unexpected or mis-shaped key of
-    either is a `CheckpointError` naming it and its file.
+    either is a `CheckpointError` naming it and its file. `with_branch=False` reads only the DiT's
+    tensors (the branch is None): for a process that loads the branch apart (`load_vace_branch`).
     """
     if not dit_path.exists():
         raise CheckpointError(f"missing VACE checkpoint: {dit_path}")
     paths = [dit_path] if dit_path.is_file() else shard_files(dit_path)
-    tensors = read_safetensors(paths, dtype=dtype, device=device)
+    keep = None if with_branch else (lambda k: None if is_vace_key(k) else k)
+    tensors = read_safetensors(paths, dtype=dtype, device=device, rename=keep)
     branch_tensors = {k: v for k, v in tensors.items() if is_vace_key(k)}
     dit_tensors = {k: v for k, v in tensors.items() if not is_vace_key(k)}
     where = ", ".join(p.name for p in paths)
@@ -322,6 +325,9 @@ def load_vace_dit(
     with torch.device("meta"):
         model, branch = WanDiT(config), VaceBranch(config, vace)
     load_strict(model, dit_tensors, expected_in=where + (f" + {lora_path.name}" if lora_path else ""))
+    if not with_branch:
+        log.info("loaded the DiT of a VACE checkpoint from %s (%s, %s)", where, dtype, device)
+        return model.eval().requires_grad_(False), None
     load_strict(branch, branch_tensors, expected_in=where)
     log.info("loaded DiT + VACE (%d hinted layers) from %s (%s, %s)", len(vace.layers), where, dtype, device)
     return model.eval().requires_grad_(False), branch.eval().requires_grad_(False)

@@ -227,6 +227,12 @@ def test_the_branch_alone_loads_from_the_same_files(tmp_path):
         assert torch.equal(alone.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match="missing vace_"):
         load_vace_branch(tmp_path, CFG, VaceConfig(layers=(0, 2, 3)), dtype=torch.float32)
+    dit_only, none = load_vace_dit(
+        tmp_path, CFG, VACE, lora_path=tmp_path / "standin.ckpt", dtype=torch.float32, with_branch=False
+    )
+    assert none is None
+    for k, v in dit.state_dict().items():
+        assert torch.equal(dit_only.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize(
