@@ -118,24 +118,27 @@ def fills_image(face: FaceBox, width: int, height: int) -> bool:
     )
 
 
-def face_crop_box(face: FaceBox | None, width: int, height: int) -> CropBox:
-    """The input region to keep for `face` in a `width`×`height` image.
-
-    Integer arithmetic as in the official preprocessor: box corners truncated, a centred
-    square of int(1.5 × longer side), clipped to the image. The whole image when there is
-    no face, when the face fills the image, or when the clipped square is empty.
-    """
-    whole = (0, 0, width, height)
-    if face is None or fills_image(face, width, height):
-        return whole
+def face_square(face: FaceBox, width: int, height: int) -> CropBox | None:
+    """(left, top, right, bottom) of the square around `face`, right/bottom exclusive; None if
+    empty. Integer arithmetic as the official code: corners truncated, centre (x1 + x2) // 2,
+    side int(1.5 × longer side), half of it either way, clipped to the image."""
     x1, y1, x2, y2 = int(face.x1), int(face.y1), int(face.x2), int(face.y2)
     cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
     half = int(max(x2 - x1, y2 - y1) * CROP_SCALE) // 2
     left, top = max(cx - half, 0), max(cy - half, 0)
     right, bottom = min(cx + half, width), min(cy + half, height)
     if right <= left or bottom <= top:
-        return whole
+        return None
     return left, top, right, bottom
+
+
+def face_crop_box(face: FaceBox | None, width: int, height: int) -> CropBox:
+    """The input region to keep for `face` in a `width`×`height` image: its `face_square`, or
+    the whole image when there is no face, the face fills the image or the square is empty."""
+    whole = (0, 0, width, height)
+    if face is None or fills_image(face, width, height):
+        return whole
+    return face_square(face, width, height) or whole
 
 
 class FacePreprocessor:

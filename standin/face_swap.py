@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from standin.errors import InvalidRequestError
+from standin.face import face_square
 from standin.face_detectors import FaceBox
 from standin.face_landmarks import FaceLandmarks, LandmarkDetector, largest_face_landmarks
 from standin.image_io import resize_area
@@ -61,7 +62,6 @@ __all__ = [
     "SwapReference",
     "SwappedVideo",
     "box_soft_mask",
-    "fallback_box",
     "fit_similarity",
     "fit_similarity_lmeds",
     "landmark_soft_mask",
@@ -70,7 +70,6 @@ __all__ = [
     "warp_affine",
 ]
 
-CROP_SCALE = 1.5
 # Face-parser classes pasted by the box path (CelebAMask-HQ: skin, brows, eyes, glasses, ears,
 # earring, nose, mouth, lips), and its clean-up, as the official mask generator.
 FACE_CLASSES = tuple(range(1, 14))
@@ -424,22 +423,6 @@ def parser_face_mask(parser: torch.nn.Module, crop: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- the box path
 
 
-def fallback_box(face: FaceBox, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """(left, top, right, bottom) of the box path's square, right/bottom exclusive; None if empty.
-
-    Integer arithmetic as the official: corners truncated, centre ``(x1 + x2) // 2``, side
-    ``int(1.5 × longer side)``, half of it either way, clipped to the frame.
-    """
-    x1, y1, x2, y2 = int(face.x1), int(face.y1), int(face.x2), int(face.y2)
-    cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
-    half = int(max(x2 - x1, y2 - y1) * CROP_SCALE) // 2
-    left, top = max(cx - half, 0), max(cy - half, 0)
-    right, bottom = min(cx + half, width), min(cy + half, height)
-    if right <= left or bottom <= top:
-        return None
-    return left, top, right, bottom
-
-
 # ---------------------------------------------------------------- reference and video
 
 
@@ -552,7 +535,7 @@ class FacePaster:
     ) -> tuple[np.ndarray, np.ndarray, PastePath]:
         height, width = frame.shape[:2]
         mask = np.zeros((height, width), np.uint8)
-        box = fallback_box(face.box, width, height)
+        box = face_square(face.box, width, height)  # the official fallback box
         if box is None:
             return frame.copy(), mask, "none"
         left, top, right, bottom = box

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from standin.errors import FaceModelError, InvalidRequestError
+from standin.face import face_square
 from standin.face_detectors import SCRFD_FILE, FaceBox, ScrfdDetector
 from standin.face_landmarks import FaceLandmarks, RetinaFaceLandmarkDetector, ScrfdLandmarkDetector
 from standin.face_swap import (
@@ -20,7 +21,6 @@ from standin.face_swap import (
     Similarity,
     SwapReference,
     box_soft_mask,
-    fallback_box,
     fit_similarity,
     fit_similarity_lmeds,
     landmark_soft_mask,
@@ -411,8 +411,8 @@ def test_box_soft_mask_is_the_inscribed_ellipse() -> None:
 
 def test_official_box_arithmetic() -> None:
     # corners truncated: 100, 80, 180, 200; centre (140, 140); side int(120 × 1.5) = 180
-    assert fallback_box(FaceBox(100.7, 80.2, 180.9, 200.5, 0.9), 640, 480) == (50, 50, 230, 230)
-    assert fallback_box(FaceBox(5, 20, 65, 100, 0.9), 300, 150) == (0, 0, 95, 120)
+    assert face_square(FaceBox(100.7, 80.2, 180.9, 200.5, 0.9), 640, 480) == (50, 50, 230, 230)
+    assert face_square(FaceBox(5, 20, 65, 100, 0.9), 300, 150) == (0, 0, 95, 120)
 
 
 class CentreParser(torch.nn.Module):
@@ -488,7 +488,7 @@ def test_reference_without_landmarks_takes_the_box_path() -> None:
     for parser in (None, CentreParser()):
         out, mask, path = FacePaster(FixedLandmarks([face]), parser=parser).paste_frame(frame, reference)
         assert path == "box"
-        left, top, right, bottom = fallback_box(face.box, 140, 160)  # (15, 15, 105, 105)
+        left, top, right, bottom = face_square(face.box, 140, 160)  # (15, 15, 105, 105)
         outside = np.ones(mask.shape, bool)
         outside[top:bottom, left:right] = False
         assert (mask[outside] == 0).all() and (out[outside] == 20).all()
