@@ -47,8 +47,10 @@ from parallel import (
     load_once_per_node,
 )
 from parallel.rendezvous import free_port
+from parallel.styles import StyleRef, resolve_styles
 from serve_app.face_swap import denoise_request_fields
 from serve_app.jobs import AsyncJobStore, open_job_store
+from serve_app.loras import MAX_STYLE_SETS_PER_REPLICA, ReplicaStyles, style_set_id
 from serve_app.models import device_of, load_dit, load_experts, load_vace
 from serve_app.settings import ServeSettings
 from serve_app.vace import control_request_fields, drop_reference_frame
@@ -91,6 +93,8 @@ class RankState:
         mesh = DeviceMesh(config, model.config.num_heads, device=self.device, timeout=timeout)
         # Wan2.1-VACE (and tiny): the control branch on every rank, beside the DiT
         self.runner = SPRunner(model, Collectives(mesh), experts, load_vace(settings))
+        # style LoRAs: this rank's own bounded cache of loaded files (serve_app/loras.py)
+        self.runner.styles = ReplicaStyles.for_rank(settings, model, rank)
         log.info("rank %d/%d ready: %s on %s", rank, world, config, self.device)
 
 
@@ -138,6 +142,7 @@ class DiTReplica:
             ray.get(joins)
             self.loops = [w.serve_forever.remote() for w in self.workers]
         self._lock = asyncio.Lock()
+        self._style_sets: dict[str, tuple[StyleRef, ...]] = {}  # multiplexed model id → its LoRAs
 
     def _start_workers(self) -> None:
         pg = ray.util.get_current_placement_group()
@@ -212,17 +217,47 @@ class DiTReplica:
                 lost.set()
                 cancel.set()
 
+    @serve.multiplexed(max_num_models_per_replica=MAX_STYLE_SETS_PER_REPLICA)
+    async def _style_set(self, model_id: str) -> tuple[StyleRef, ...]:
+        """Ray Serve model multiplexing: this replica takes a LoRA set (its id: `style_set_id`),
+        loads its files on rank 0 (the other ranks load theirs when the request reaches them),
+        and Serve then routes requests with that set here first."""
+        refs = self._style_sets[model_id]
+        await asyncio.to_thread(resolve_styles, self.rank0.runner.styles, refs)
+        return refs
+
+    async def _hold_styles(self, styles: tuple[StyleRef, ...]) -> dict[str, Any] | None:
+        """Load the request's LoRA set through the multiplexer; an error event when refused."""
+        model_id = style_set_id(styles)
+        self._style_sets[model_id] = styles
+        while len(self._style_sets) > 4 * MAX_STYLE_SETS_PER_REPLICA:
+            self._style_sets.pop(next(iter(self._style_sets)))
+        try:
+            if _in_replica():
+                await self._style_set(model_id)
+            else:  # local testing mode has no replica context, hence no multiplexing
+                await asyncio.to_thread(resolve_styles, self.rank0.runner.styles, styles)
+        except InvalidRequestError as exc:
+            return {"event": "error", "kind": "invalid", "message": str(exc).splitlines()[0][:300]}
+        return None
+
     async def denoise(
         self,
         params: GenerationParams,
         conditioning: dict[str, torch.Tensor | None],
         job: dict[str, Any] | None = None,
+        styles: tuple[StyleRef, ...] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream `started`, progress, then the final latents [1, 16, F', H/8, W/8] (float32, CPU).
         `job`: {"id", "owner", "attempt"} of the run that asks (None: no lease checks)."""
         reason = self._broken_reason()
         if reason is not None:
             yield {"event": "error", "kind": "unavailable", "message": reason}
+            return
+        styles = tuple(styles or ())  # style LoRAs by name (serve_app/loras.py)
+        if styles and (refused := await self._hold_styles(styles)) is not None:
+            self.counts["failed"] += 1
+            yield refused
             return
         async with self._lock:
             if job is not None and not await self._job_alive(job):
@@ -238,7 +273,9 @@ class DiTReplica:
             def progress(done: int, total: int) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (done, total))
 
-            work = asyncio.ensure_future(asyncio.to_thread(self._run, params, conditioning, progress, cancel))
+            work = asyncio.ensure_future(
+                asyncio.to_thread(self._run, params, conditioning, progress, cancel, styles)
+            )
             work.add_done_callback(lambda _: events.put_nowait(None))
             try:
                 while (item := await events.get()) is not None:
@@ -277,6 +314,7 @@ class DiTReplica:
         conditioning: dict[str, torch.Tensor | None],
         progress: Callable[[int, int], None],
         cancel: threading.Event,
+        styles: tuple[StyleRef, ...] = (),
     ) -> torch.Tensor:
         use_cfg = params.guidance_scale != 1.0
         face_swap = conditioning.get("face_swap")
@@ -293,6 +331,7 @@ class DiTReplica:
             num_steps=params.num_steps,
             guidance=params.guidance_scale,
             shift=params.shift,
+            styles=styles,
         )
         latents = self.rank0.runner.generate(request, progress, cancel.is_set)
         return drop_reference_frame(latents, vace).float().cpu()
@@ -303,7 +342,15 @@ class DiTReplica:
             "world_size": self.settings.world_size,
             "worker_names": list(self.worker_names),
             "healthy": self._broken_reason() is None,
+            "styles": None if self.rank0.runner.styles is None else self.rank0.runner.styles.cache.stats(),
         }
+
+
+def _in_replica() -> bool:
+    try:
+        return serve.get_replica_context() is not None
+    except Exception:
+        return False
 
 
 async def _wait_ignoring_cancel(task: asyncio.Future) -> None:

@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from parallel.styles import StyleRef
 from serve_app import jobs
 from serve_app.api import (
     OPENAPI_MODELS,
@@ -47,6 +48,7 @@ from serve_app.api import (
 )
 from serve_app.face_swap import VIDEO_FIELDS, decode_video_data_url, video_upload
 from serve_app.jobs import AsyncJobStore, Job, JobStore, open_job_store
+from serve_app.loras import LoraLibrary, LoraList, parse_loras, refs_to_job
 from serve_app.metrics import JobMetrics
 from serve_app.results import (
     ResultStore,
@@ -227,6 +229,14 @@ def _check_image(data: bytes, max_bytes: int) -> None:
         ) from None
 
 
+async def _check_loras(
+    library: LoraLibrary | None, raw: Any, settings: ServeSettings, form: bool
+) -> tuple[StyleRef, ...]:
+    if library is None:  # parse_loras refuses a non-empty list without lora_dir (400)
+        return parse_loras(raw, settings, form=form)
+    return await library.check_field(raw, settings, form=form)
+
+
 class ChangeFeed:
     """One watcher thread per replica wakes the SSE streams of jobs that changed (Redis pushes
     the ids; SQLite reports that something changed). Streams of queued jobs wake on any change,
@@ -288,6 +298,7 @@ class Ingress:
         self.feed = ChangeFeed(store)
         self.metrics = JobMetrics(settings.model_name)
         self.results = ResultStore(settings.results_location)
+        self.loras = LoraLibrary.for_settings(settings)  # style LoRAs by name (None: no lora_dir)
         try:
             self.app_name = serve.get_replica_context().app_name
         except Exception:
@@ -315,6 +326,14 @@ class Ingress:
             ],
         }
 
+    @app.get("/v1/loras", response_model=LoraList, responses=_ERRORS)
+    async def list_loras(self, request: Request) -> dict[str, Any]:
+        """The style LoRAs of lora_dir a request may name, and the files that are refused (why)."""
+        _owner(self.settings, request)
+        if self.loras is None:
+            return {"object": "list", "data": [], "unusable": []}
+        return await asyncio.to_thread(self.loras.listing)
+
     @app.post(
         "/v1/videos",
         status_code=202,
@@ -323,7 +342,7 @@ class Ingress:
         responses={
             202: {"model": Video, "description": "accepted: the job is queued"},
             **_ERRORS,
-            404: {"model": ErrorResponse, "description": "unknown model"},
+            404: {"model": ErrorResponse, "description": "unknown model or LoRA"},
             413: {"model": ErrorResponse, "description": "body or image too large"},
             415: {"model": ErrorResponse, "description": "unsupported Content-Type"},
             422: {"model": ErrorResponse, "description": "a value out of range"},
@@ -332,7 +351,7 @@ class Ingress:
     )
     async def create_video(self, request: Request) -> JSONResponse:
         owner = _owner(self.settings, request)
-        video = await self._parse(request)
+        styles, video = await self._parse(request)
         if await self.store.count_active() >= self.settings.max_active_jobs:
             self.metrics.job_rejected("queue_full")
             raise APIError(
@@ -342,7 +361,8 @@ class Ingress:
                 code="queue_full",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
-        job = Job(id=new_job_id(), owner=owner, model=video.model, request=video.to_job_request())
+        request_fields = {**video.to_job_request(), "loras": refs_to_job(styles)}
+        job = Job(id=new_job_id(), owner=owner, model=video.model, request=request_fields)
         uploads = {reference_key(job.id): video.image}
         if video.video is not None:  # a face swap's video (and mask)
             uploads[input_video_key(job.id)] = video.video.video
@@ -489,7 +509,7 @@ class Ingress:
         position = await self.store.queue_position(job.id) if job.status == jobs.QUEUED else None
         return video_object(job, position)
 
-    async def _parse(self, request: Request) -> VideoRequest:
+    async def _parse(self, request: Request) -> tuple[tuple[StyleRef, ...], VideoRequest]:
         s = self.settings
         # a face swap's video and mask (or a VACE control, mask and first frame) ride in the same
         # body (base64 in JSON)
@@ -527,9 +547,11 @@ class Ingress:
             form = True
         if image is not None:
             await asyncio.to_thread(_check_image, image, s.max_upload_bytes)
+        # style LoRAs by name: 404 unknown, 422 a refused file, before a job exists
+        styles = await _check_loras(self.loras, fields.pop("loras", None), s, form)
         upload = await asyncio.to_thread(video_upload, videos.get("input_video"), videos.get("input_mask"), s)
         control = await asyncio.to_thread(control_upload, *(videos.get(n) for n in CONTROL_FIELDS), s)
-        return parse_video_request(fields, image, s, form=form, video=upload, control=control)
+        return styles, parse_video_request(fields, image, s, form=form, video=upload, control=control)
 
     async def _visible(self, video_id: str, owner: str | None) -> Job:
         job = await self.store.get(video_id)

@@ -25,6 +25,7 @@ bounded cache of loaded LoRAs on every DiT rank.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -35,15 +36,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, Field
 
 from parallel.styles import StyleRef
 from serve_app.api import APIError
 from serve_app.settings import ServeSettings
 from standin.config import DiTConfig
 from standin.errors import StandInError
+from standin.presets import get_preset
 from standin.styles import PICKLE_SUFFIXES, StyleLoRA, StyleLoRAError, StyleSet, Target, style_targets
 
 log = logging.getLogger(__name__)
@@ -189,6 +192,23 @@ class LoraLibrary:
         self._described: dict[tuple[str, str], dict[str, Any] | str] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def for_settings(cls, settings: ServeSettings) -> LoraLibrary | None:
+        """The Ingress's library (validated against the served preset's DiT); None without lora_dir."""
+        if not settings.lora_dir:
+            return None
+        return cls(
+            settings.lora_dir,
+            get_preset(settings.preset).dit,
+            max_bytes=settings.max_lora_file_bytes,
+            cache_dir=Path(settings.state_dir) / "lora-cache",
+        )
+
+    async def check_field(self, raw: Any, settings: ServeSettings, *, form: bool) -> tuple[StyleRef, ...]:
+        """The Ingress's whole check of the `loras` field (parsing, then each file, off the loop)."""
+        refs = parse_loras(raw, settings, form=form)
+        return await asyncio.to_thread(self.check, refs) if refs else ()
+
     # files
 
     def _entries(self) -> dict[str, dict[str, Any]]:
@@ -206,7 +226,8 @@ class LoraLibrary:
         else:
             root = Path(self._root)
             if not root.is_dir():
-                raise LoraNotFoundError(f"lora_dir {self.location} is not a directory")
+                log.warning("lora_dir %s is not a directory: no LoRAs", self.location)
+                return {}
             for path in root.iterdir():
                 if path.is_file():
                     st = path.stat()
@@ -490,3 +511,34 @@ class LoraMetrics:
 
     def evicted(self) -> None:
         self._evictions.inc(1, tags=self.tags)
+
+
+# -- the OpenAPI document's models -------------------------------------------------------------
+
+
+class LoraObject(BaseModel):
+    """One usable LoRA of GET /v1/loras (`StyleLoRA.describe()`)."""
+
+    object: Literal["lora"]
+    name: str = Field(description='what a request names in "loras": [{"name": ..., "scale": ...}]')
+    format: str = Field(description="kohya | ab | peft | diffusers")
+    rank: int = Field(description="the largest rank of its low-rank layers (0: full deltas only)")
+    alpha: float | list[float] = Field(description="the file's alpha(s); strength = scale × alpha / rank")
+    layers: int
+    layer_kinds: dict[str, int]
+    has_full_deltas: bool
+    parameters: int
+    bytes: int
+    sha256: str
+    file: str
+
+
+class UnusableLora(BaseModel):
+    name: str
+    error: str = Field(description="why the file is refused (a pickle, not safetensors, keys, shapes…)")
+
+
+class LoraList(BaseModel):
+    object: Literal["list"]
+    data: list[LoraObject]
+    unusable: list[UnusableLora]

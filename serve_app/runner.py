@@ -37,6 +37,7 @@ from serve_app import jobs
 from serve_app.api import params_from_job
 from serve_app.face_swap import swapped_params
 from serve_app.jobs import AsyncJobStore, Job, Lease, open_job_store
+from serve_app.loras import refs_from_job, style_set_id
 from serve_app.metrics import JobMetrics
 from serve_app.results import (
     ResultStore,
@@ -263,7 +264,11 @@ class JobRunner:
         if conditioning.get("vace") is not None:  # the decoded control video decides size and frames
             params = control_params(params, conditioning["vace"])
         fence = {"id": job.id, "owner": lease.owner, "attempt": lease.attempt}
-        stream = self.dit.options(stream=True).denoise.remote(params, conditioning, fence)
+        styles = refs_from_job(job.request)  # style LoRAs: Serve routes to a replica holding the set
+        options: dict[str, Any] = {"stream": True}
+        if styles:
+            options["multiplexed_model_id"] = style_set_id(styles)
+        stream = self.dit.options(**options).denoise.remote(params, conditioning, fence, styles)
         latents = None
         started = last_step = 0.0
         shown = -1

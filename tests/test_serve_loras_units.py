@@ -225,3 +225,35 @@ def test_a_rank_resolves_refs_through_its_cache_and_checks_the_file_hash(lora_di
     assert second.styles[0][0] is first.styles[0][0] and resolver.cache.hits == 1
     with pytest.raises(StyleLoRAError, match="changed since"):
         resolver([StyleRef("palette", 1.0, "0" * 64)])
+
+
+def test_dit_replica_applies_named_styles_like_the_pipeline_and_refuses_a_changed_file(lora_dir: Path):
+    """Local testing mode (no cluster, so no multiplexing): the replica resolves the names on
+    its rank, and the latents equal StandInPipeline.denoise with the same StyleSet, bit for bit."""
+    from ray import serve
+
+    from serve_app.dit import DiTReplica
+    from standin.pipeline import DenoiseInputs, GenerationParams, StandInPipeline
+
+    settings = ServeSettings(sp_degree=1, lora_dir=str(lora_dir), state_dir=str(lora_dir / "state"))
+    [ref] = LoraLibrary.for_settings(settings).check([StyleRef("palette", 0.7)])
+    pipe = StandInPipeline.from_preset("tiny")
+    params = GenerationParams(prompt="a face", width=32, height=32, num_frames=5, num_steps=2, seed=11)
+    ctx, neg = pipe.encode_prompts(params.prompt, params.negative_prompt)
+    conditioning = {"context": ctx, "negative_context": neg, "identity_latents": None}
+    handle = serve.run(DiTReplica.bind(settings), _local_testing_mode=True)
+
+    events = list(handle.options(stream=True).denoise.remote(params, conditioning, None, (ref,)))
+    assert events[-1]["event"] == "result", events[-1]
+    style = StyleLoRA.load(lora_dir / "palette.safetensors", pipe.dit)
+    styled = DenoiseInputs.for_request(params, ctx, neg, None, adapters=StyleSet([(style, 0.7)]))
+    assert torch.equal(events[-1]["latents"], pipe.denoise(styled))
+    assert not torch.equal(
+        events[-1]["latents"], pipe.denoise(DenoiseInputs.for_request(params, ctx, neg, None))
+    )
+
+    changed = StyleRef("palette", 1.0, "0" * 64)
+    error = list(handle.options(stream=True).denoise.remote(params, conditioning, None, (changed,)))[-1]
+    assert error["event"] == "error" and error["kind"] == "invalid" and "changed since" in error["message"]
+    stats = handle.stats.remote().result()["styles"]
+    assert stats["loaded"] == ["palette"] and stats["loads"] == 1 and stats["hits"] >= 1
