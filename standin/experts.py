@@ -184,9 +184,12 @@ class ResidentExperts(ExpertResidency):
 
 
 def _slot_like(model: WanDiT, device: torch.device) -> WanDiT:
-    """An empty DiT of the same architecture (incl. its LoRA rank) on `device`."""
+    """An empty DiT of the same architecture (incl. its LoRA rank) and dtypes on `device`."""
+    dtypes = {k: t.dtype for k, t in model.state_dict().items()}
     with torch.device("meta"):
         slot = WanDiT(model.config)
+    for key, t in slot.state_dict(keep_vars=True).items():
+        t.data = t.data.to(dtypes[key])  # on the meta device: nothing is allocated yet
     slot = slot.to_empty(device=device)
     return slot.eval().requires_grad_(False)
 

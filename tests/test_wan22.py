@@ -223,6 +223,18 @@ def test_offloaded_experts_give_bit_identical_output_to_resident_ones(pipe: Stan
     assert residency.swaps == 1 + 2 * 2  # the initial load, then low and high per request
 
 
+def test_offloaded_bfloat16_experts_keep_their_dtype_and_stay_bit_identical():
+    params = replace(SMALL, num_steps=4)
+    resident = StandInPipeline.from_preset("tiny-a14b", device="cpu", dtype=torch.bfloat16)
+    offloaded = StandInPipeline.from_preset(
+        "tiny-a14b", device="cpu", dtype=torch.bfloat16, expert_residency="offload"
+    )
+    slot = offloaded.experts.residency.slot
+    assert {p.dtype for p in slot.parameters()} == {torch.bfloat16}  # not a float32 slot
+    expected = resident.denoise(inputs_for(resident, params))
+    assert torch.equal(offloaded.denoise(inputs_for(offloaded, params)), expected)
+
+
 def test_offloaded_slot_copies_from_host_memory_not_from_the_experts():
     pipe = StandInPipeline.from_preset("tiny-a14b", device="cpu")
     high, low = (pipe.experts.residency.activate(n) for n in (HIGH, LOW))
