@@ -1,11 +1,12 @@
 """Style LoRAs through the served API (issue 13), on the session's local Ray cluster
-(tests/conftest.py): its own application under /loras, tiny preset, two single-rank DiT
-replicas (so Ray Serve's multiplexing has a choice), lora_dir a temp directory holding the tiny
-palette style, a second style written here (A/B format), a garbage file and a pickle.
+(tests/conftest.py): its own application under /loras, tiny preset, two DiT replicas of 2 ranks
+each over gloo (so Ray Serve's multiplexing has a choice, and every rank resolves the names from
+its own cache), lora_dir a temp directory holding the tiny palette style, a second style written
+here (A/B format), a garbage file and a pickle.
 
 The served video is compared with the one-process pipeline by the fingerprint of its decoded
-frames (`frames_sha256`, computed before H.264): SP 1 replicas are bit-identical to
-`StandInPipeline.denoise` with the same StyleSet.
+frames (`frames_sha256`, computed before H.264): the tiny model's SP=2 runner is bit-identical
+to `StandInPipeline.denoise` with the same StyleSet (tests/test_styles_sp_runner.py).
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def server(ray_serve: str, lora_dir: Path, tmp_path_factory) -> str:
 
     app = build_app(
         {
-            "sp_degree": 1,
+            "sp_degree": 2,
+            "worker_num_cpus": 0.1,
+            "collective_timeout_s": 30,
             "state_dir": str(tmp_path_factory.mktemp("loras-state")),
             "lora_dir": str(lora_dir),
             "max_loras_per_request": 2,
@@ -78,7 +81,7 @@ def server(ray_serve: str, lora_dir: Path, tmp_path_factory) -> str:
             "max_width": 64,
             "max_height": 64,
         },
-        deployments=[{"name": "DiTReplica", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}}],
+        deployments=[{"name": "DiTReplica", "num_replicas": 2}],
     )
     serve.run(app, name="loras", route_prefix=PREFIX)
     return ray_serve
