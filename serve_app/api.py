@@ -94,6 +94,7 @@ class VideoRequest:
             "num_frames": p.num_frames,
             "num_steps": p.num_steps,
             "guidance_scale": p.guidance_scale,
+            "guidance_scale_low": p.guidance_scale_low,
             "shift": p.shift,
             "seed": p.seed,
             "fps": self.fps,
@@ -123,6 +124,7 @@ def params_from_job(request: dict[str, Any]) -> GenerationParams:
     return GenerationParams(
         **{k: request[k] for k in names},
         guidance_scale=request["guidance_scale"],
+        guidance_scale_low=request.get("guidance_scale_low"),
         shift=request["shift"],
         seed=request["seed"],
     )
@@ -141,6 +143,7 @@ _FIELDS = {
     "seed",
     "num_inference_steps",
     "guidance_scale",
+    "guidance_scale_low",
     "negative_prompt",
     "fps",
     "subject",
@@ -374,6 +377,13 @@ def parse_video_request(
     seed = _int(fields, "seed", form)
     seed = secrets.randbelow(2**31) if seed is None else seed
     guidance = _float(fields, "guidance_scale", form)
+    guidance_low = _float(fields, "guidance_scale_low", form)
+    if guidance_low is not None and preset.experts is None:
+        raise APIError(
+            422,
+            f"guidance_scale_low applies to two-expert models (Wan2.2 A14B), not {preset.name}",
+            param="guidance_scale_low",
+        )
     shift = _float(fields, "shift", form)
     subject = _str(fields, "subject") or "face"
     if subject not in ("face", "object"):
@@ -387,6 +397,7 @@ def parse_video_request(
         num_frames=frames,
         num_steps=steps,
         guidance_scale=5.0 if guidance is None else guidance,
+        guidance_scale_low=guidance_low,
         shift=5.0 if shift is None else shift,
         seed=seed,
     )
@@ -540,6 +551,7 @@ def _api_param(message: str) -> str | None:
         "height": "size",
         "num_steps": "num_inference_steps",
         "guidance_scale": "guidance_scale",
+        "guidance_scale_low": "guidance_scale_low",
         "seed": "seed",
         "shift": "shift",
         "num_frames": "num_frames",
@@ -580,6 +592,7 @@ def video_object(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "seed": r["seed"],
         "num_inference_steps": r["num_steps"],
         "guidance_scale": r["guidance_scale"],
+        "guidance_scale_low": r.get("guidance_scale_low"),
         "shift": r["shift"],
         "loras": [{"name": d["name"], "scale": d["scale"]} for d in r.get("loras") or ()],
         "subject": r["subject"],
@@ -647,6 +660,9 @@ class CreateVideoJSON(_VideoFields):
     seed: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_low: float | None = Field(
+        None, description="two-expert models (Wan2.2 A14B): the low-noise expert's guidance (guidance_scale)"
+    )
     shift: float | None = None
     fps: float | None = None
     loras: list[LoraField] | None = Field(None, description="style LoRAs by name (GET /v1/loras), stacked")
@@ -677,6 +693,7 @@ class CreateVideoForm(_VideoFields):
     seed: str | None = None
     num_inference_steps: str | None = None
     guidance_scale: str | None = None
+    guidance_scale_low: str | None = None
     shift: str | None = None
     fps: str | None = None
     loras: str | None = Field(
@@ -761,6 +778,9 @@ class Video(BaseModel):
     seed: int
     num_inference_steps: int
     guidance_scale: float
+    guidance_scale_low: float | None = Field(
+        None, description="two-expert models: the low-noise expert's guidance (null: guidance_scale)"
+    )
     shift: float = Field(description="the flow-matching schedule's shift")
     loras: list[LoraField] = Field(description="the style LoRAs applied, with their scales")
     subject: str

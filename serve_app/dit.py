@@ -316,7 +316,7 @@ class DiTReplica:
         cancel: threading.Event,
         styles: tuple[StyleRef, ...] = (),
     ) -> torch.Tensor:
-        use_cfg = params.guidance_scale != 1.0
+        use_cfg = params.uses_guidance
         face_swap = conditioning.get("face_swap")
         # a face swap starts from its input video's noised latents (+ background consistency)
         start = denoise_request_fields(face_swap) if face_swap else {"latents": initial_noise(params)}
@@ -330,6 +330,7 @@ class DiTReplica:
             identity_latents=conditioning.get("identity_latents"),
             num_steps=params.num_steps,
             guidance=params.guidance_scale,
+            guidance_low=params.guidance_scale_low,
             shift=params.shift,
             styles=styles,
         )

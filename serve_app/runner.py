@@ -363,7 +363,7 @@ class JobRunner:
             image = await asyncio.to_thread(self.results.get, reference_key(job.id))
             if image is None:
                 raise JobFailedError("input_lost", "the reference image is no longer stored")
-        negative = params.negative_prompt if params.guidance_scale != 1.0 else None
+        negative = params.negative_prompt if params.uses_guidance else None
         face_swap = await self._face_swap_inputs(job, params) if r.get("has_video") else None
         vace = await self._control_inputs(job) if r.get("has_control_video") else None
         try:

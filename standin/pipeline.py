@@ -118,6 +118,11 @@ class GenerationParams:
             raise InvalidRequestError(f"cfg_mode must be 'separate' or 'batched', got {self.cfg_mode!r}")
 
     @property
+    def uses_guidance(self) -> bool:
+        """Whether any step runs a negative pass (a two-expert model's low scale counts too)."""
+        return self.guidance_scale != 1.0 or self.guidance_scale_low not in (None, 1.0)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         """[1, 16, F', H/8, W/8] of the video latents."""
         return (1, 16, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
@@ -440,7 +445,7 @@ class StandInPipeline:
         style LoRAs (`standin.styles.StyleSet`, on the model's device), applied unmerged.
         """
         params.validate()
-        use_cfg = params.guidance_scale != 1.0 or params.guidance_scale_low not in (None, 1.0)
+        use_cfg = params.uses_guidance
         ctx, neg = self.encode_prompts(params.prompt, params.negative_prompt if use_cfg else None)
         identity = self.encode_identity(identity_image) if identity_image is not None else None
         inputs = DenoiseInputs.for_request(params, ctx, neg, identity, adapters=styles)

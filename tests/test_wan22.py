@@ -760,3 +760,20 @@ def test_the_gpu_measurement_of_both_residencies_runs_its_smoke_size_on_the_cpu(
     assert set(runs) == {"resident", "offload"} and all(r["finite"] for r in runs.values())
     assert runs["offload"]["swap_s"] is not None and runs["resident"]["swap_s"] is None
     assert (tmp_path / "smoke.json").is_file()
+
+
+def test_the_http_api_takes_the_low_experts_guidance_for_two_expert_models_only():
+    from serve_app.api import APIError, params_from_job, parse_video_request
+    from serve_app.settings import ServeSettings
+
+    two = ServeSettings(preset="tiny-a14b")
+    fields = {"prompt": "x", "size": "32x32", "num_frames": 5, "guidance_scale": 1, "guidance_scale_low": 3}
+    request = parse_video_request(fields, None, two, form=False)
+    assert (request.params.guidance_scale, request.params.guidance_scale_low) == (1.0, 3.0)
+    assert request.params.uses_guidance  # the low expert's steps need the negative prompt
+    assert params_from_job(request.to_job_request()) == request.params  # survives the job store
+    form = {k: str(v) for k, v in fields.items()}
+    assert parse_video_request(form, None, two, form=True).params.guidance_scale_low == 3.0
+    with pytest.raises(APIError) as err:
+        parse_video_request({"prompt": "x", "guidance_scale_low": 3}, None, ServeSettings(), form=False)
+    assert (err.value.status, err.value.param) == (422, "guidance_scale_low")
