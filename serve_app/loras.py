@@ -98,7 +98,7 @@ def parse_loras(raw: Any, settings: ServeSettings, *, form: bool) -> tuple[Style
     if form or isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise APIError(
                 400,
                 'loras must be a JSON list like [{"name": "ghibli", "scale": 0.8}]',
@@ -127,8 +127,8 @@ def parse_loras(raw: Any, settings: ServeSettings, *, form: bool) -> tuple[Style
         if extra:
             raise APIError(400, f"loras: unknown field(s) {extra}", param="loras")
         name = check_lora_name(item.get("name"))
-        scale = item.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        scale = _finite(item.get("scale", 1.0))
+        if scale is None:
             raise APIError(400, f"loras: scale of {name} must be a finite number", param="loras")
         if abs(scale) > settings.max_lora_scale:
             raise APIError(
@@ -142,6 +142,17 @@ def parse_loras(raw: Any, settings: ServeSettings, *, form: bool) -> tuple[Style
             raise APIError(400, f"loras: {name} is given twice", param="loras")
         refs.append(StyleRef(name, float(scale)))
     return tuple(refs)
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number as a finite float (None: not a number, infinite, NaN or too large)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        out = float(value)
+    except OverflowError:
+        return None
+    return out if math.isfinite(out) else None
 
 
 def refs_to_job(refs: Sequence[StyleRef]) -> list[dict[str, Any]]:

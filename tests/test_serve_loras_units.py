@@ -140,6 +140,8 @@ def test_parse_loras_json_and_form():
         ([{"name": "x", "scale": "1"}], 400),
         ([{"name": "x", "scale": True}], 400),
         ([{"name": "x", "scale": float("nan")}], 400),
+        ([{"name": "x", "scale": 10**400}], 400),
+        pytest.param("[" * 100_000, 400, id="deeply-nested"),
         ([{"name": "x", "scale": 2.5}], 422),
         ([{"name": "x", "weight": 1}], 400),
         ([{"name": "x"}, {"name": "x"}], 400),
