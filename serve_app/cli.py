@@ -86,6 +86,8 @@ def generate_remote(args: argparse.Namespace) -> Path:
         fields["fps"] = None
         fields["denoising_strength"] = args.denoising_strength
         fields["background_consistency"] = "true" if args.background_consistency else None
+    if getattr(args, "control_video", None) is not None:  # VACE: size and frames come from the control
+        fields["vace_scale"] = args.vace_scale
     api_key = args.api_key or os.environ.get("STANDIN_API_KEY")
     try:
         return _run_remote(VideoClient(args.server, api_key=api_key), args, fields)
@@ -114,16 +116,18 @@ def _run_remote(client: VideoClient, args: argparse.Namespace, fields: dict) -> 
 
 
 def _video_files(args: argparse.Namespace) -> dict[str, bytes]:
-    """A face swap's uploads: --video (and --mask) as the input_video / input_mask file parts."""
+    """A face swap's uploads: --video (and --mask) as the input_video / input_mask file parts;
+    VACE's --control-video (--control-mask, --first-frame) as control_video, … file parts."""
     files = {}
-    for option, field in (("video", "input_video"), ("mask", "input_mask")):
+    vace = [(name, name) for name in ("control_video", "control_mask", "first_frame")]
+    for option, field in (("video", "input_video"), ("mask", "input_mask"), *vace):
         path = getattr(args, option, None)
         if path is None:
             continue
         try:
             files[field] = path.read_bytes()
         except OSError as e:
-            raise SystemExit(f"error: cannot read --{option}: {e}") from None
+            raise SystemExit(f"error: cannot read --{option.replace('_', '-')}: {e}") from None
     return files
 
 

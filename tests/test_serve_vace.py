@@ -167,6 +167,23 @@ def test_openapi_documents_the_control_fields(client):
         assert name in schemas["CreateVideoForm"]["properties"]
 
 
+@pytest.mark.slow
+def test_cli_generate_server_with_control_video_round_trip(server: str, uploads, tmp_path: Path):
+    from serve_app import cli as serving_cli
+
+    for name in ("control", "first"):
+        (tmp_path / name).write_bytes(uploads[name])
+    out = tmp_path / "out.mp4"
+    argv = [
+        "generate", "--server", server + PREFIX, "--prompt", "moves right on navy", "--steps", "1",
+        "--control-video", str(tmp_path / "control"), "--first-frame", str(tmp_path / "first"),
+        "--vace-scale", "0.9", "-o", str(out),
+    ]  # fmt: skip
+    assert serving_cli.main(argv) == 0
+    info = read_mp4_info(out.read_bytes())
+    assert (info.width, info.height, info.num_frames) == (32, 32, 9)
+
+
 def test_gpu_vace_profile_serves_the_vace_preset_on_the_gpu_profiles_resources():
     import yaml
 
