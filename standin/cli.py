@@ -8,25 +8,28 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
-
-from tqdm import tqdm
 
 from standin import convert
 from standin.config import DTYPES
 from standin.errors import StandInError
 from standin.experts import EXPERT_RESIDENCIES, SAMPLING_OPTIONS, expert_adapters
-from standin.face import FaceConfig, FacePreprocessor
 from standin.face_swap_command import add_face_swap_arguments, run_face_swap
-from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams, StandInPipeline
+from standin.generate_args import (
+    face_preprocessor,
+    generation_params,
+    load_pipeline,
+    progress_bar,
+    read_input,
+    write_video,
+)
+from standin.pipeline import WAN_NEGATIVE_PROMPT
 from standin.presets import PRESETS, get_preset
 from standin.styles import load_lora_args
 from standin.vace_command import add_control_arguments, run_controlled
-from standin.video import DEFAULT_FPS, encode_mp4
+from standin.video import DEFAULT_FPS
 
 log = logging.getLogger("standin")
-
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -129,44 +132,6 @@ def add_expert_arguments(gen: argparse.ArgumentParser) -> None:
     )
 
 
-def generation_params(args: argparse.Namespace) -> GenerationParams:
-    """The request of a `generate` command line: the preset's defaults, a two-expert preset's
-    named sampling option (`--sampling`), then the flags the user gave."""
-    preset = get_preset(args.preset)
-    option = SAMPLING_OPTIONS[args.sampling] if getattr(args, "sampling", None) else None
-    guidance_low = getattr(args, "guidance_low", None)
-    if preset.experts is None and (
-        option is not None or guidance_low is not None or getattr(args, "lora_low", [])
-    ):
-        raise SystemExit(
-            "error: --sampling, --guidance-low and --lora-low apply to two-expert presets "
-            f"({', '.join(n for n in sorted(PRESETS) if PRESETS[n].experts)}), not {preset.name}"
-        )
-    explicit = getattr(args, "explicit", set())
-    guidance, shift, steps = args.guidance, args.shift, args.steps
-    if option is not None:
-        guidance = guidance if "guidance" in explicit else option.guidance_high
-        shift = shift if "shift" in explicit else option.shift
-        steps = steps or option.num_steps
-        if guidance_low is None and "guidance" not in explicit:
-            guidance_low = option.guidance_low
-    if preset.experts is not None and guidance_low is None:
-        guidance_low = guidance
-    return GenerationParams(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        width=args.width or preset.width,
-        height=args.height or preset.height,
-        num_frames=args.frames or preset.num_frames,
-        num_steps=steps or preset.num_steps,
-        guidance_scale=guidance,
-        shift=shift,
-        seed=args.seed,
-        cfg_mode=args.cfg_mode,
-        guidance_scale_low=guidance_low,
-    )
-
-
 def generate(args: argparse.Namespace) -> Path:
     if getattr(args, "control_video", None) is not None:
         return run_controlled(args)
@@ -178,39 +143,15 @@ def generate(args: argparse.Namespace) -> Path:
     styles_low = load_lora_args(args.lora_low, get_preset(args.preset).dit) if args.lora_low else None
     reference = None
     if args.image is not None:
-        face = FacePreprocessor(
-            FaceConfig(
-                backend=args.face_backend,
-                model_dir=args.face_model_dir,
-                parser_weights=args.parser_weights,
-                subject=args.subject,
-            )
-        )
-        try:
-            data = args.image.read_bytes()
-        except OSError as e:
-            raise SystemExit(f"error: cannot read --image: {e}") from None
-        reference = face.process_bytes(data).to_array()
-    started = time.perf_counter()
-    pipe = StandInPipeline.from_preset(
-        args.preset,
-        args.checkpoint_dir,
-        standin_checkpoint=args.standin_checkpoint,
-        device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        standin_low_checkpoint=args.standin_low_checkpoint,
-        expert_residency=args.expert_residency,
-    )
-    log.info("loaded %s in %.1fs on %s", args.preset, time.perf_counter() - started, pipe.device)
-    with tqdm(total=params.num_steps, desc="denoising", unit="step", file=sys.stderr) as bar:
-        styles = styles.to(pipe.device, pipe.dit.patch_embedding.weight.dtype) if styles else None
-        if styles_low is not None:  # a high/low style pair: each expert gets its own adapters
-            low = styles_low.to(pipe.device, pipe.dit.patch_embedding.weight.dtype)
-            styles = expert_adapters(styles, low)  # type: ignore[assignment]
-        video = pipe.generate(params, reference, progress=lambda done, total: bar.update(1), styles=styles)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(encode_mp4(video, fps=args.fps))
-    return args.output
+        reference = face_preprocessor(args).process_bytes(read_input(args.image, "--image")).to_array()
+    pipe = load_pipeline(args)
+    styles = styles.to(pipe.device, pipe.dit.patch_embedding.weight.dtype) if styles else None
+    if styles_low is not None:  # a high/low style pair: each expert gets its own adapters
+        low = styles_low.to(pipe.device, pipe.dit.patch_embedding.weight.dtype)
+        styles = expert_adapters(styles, low)  # type: ignore[assignment]
+    with progress_bar(params.num_steps) as progress:
+        video = pipe.generate(params, reference, progress=progress, styles=styles)
+    return write_video(args.output, video, args.fps)
 
 
 def configure_logging(args: argparse.Namespace) -> None:

@@ -10,26 +10,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from standin.config import DTYPES
 from standin.errors import InvalidRequestError
-from standin.face import FaceConfig, FacePreprocessor
 from standin.face_swap_request import (
     FaceSwapOptions,
     face_swap_params,
     generate_face_swap,
     prepare_face_swap,
 )
+from standin.generate_args import (
+    face_preprocessor,
+    generation_params,
+    load_pipeline,
+    progress_bar,
+    read_input,
+    write_video,
+)
 from standin.image_io import decode_image
-from standin.pipeline import GenerationParams, StandInPipeline
-from standin.presets import get_preset
 from standin.sdedit import DEFAULT_DENOISING_STRENGTH
-from standin.video import DEFAULT_FPS, encode_mp4
+from standin.video import DEFAULT_FPS
 from standin.video_input import VideoLimits
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,6 @@ def add_face_swap_arguments(gen: argparse.ArgumentParser) -> None:
     )
 
 
-def _read(path: Path, option: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise SystemExit(f"error: cannot read {option}: {e}") from None
-
-
 def run_face_swap(args: argparse.Namespace) -> Path:
     """The `generate` command with ``--video``: writes the MP4 and returns its path."""
     if args.image is None:
@@ -82,46 +75,15 @@ def run_face_swap(args: argparse.Namespace) -> Path:
         log.warning("--fps is ignored with --video: the output keeps the input's frame rate")
     options = FaceSwapOptions(args.denoising_strength, args.background_consistency)
     options.validate()
-    preset = get_preset(args.preset)
-    base = GenerationParams(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        width=preset.width,
-        height=preset.height,
-        num_frames=preset.num_frames,
-        num_steps=args.steps or preset.num_steps,
-        guidance_scale=args.guidance,
-        shift=args.shift,
-        seed=args.seed,
-        cfg_mode=args.cfg_mode,
-    )
+    base = generation_params(args)  # size and frames: the preset's, until the video replaces them
     base.validate()  # fail before decoding or loading anything
-    face = FacePreprocessor(
-        FaceConfig(
-            backend=args.face_backend,
-            model_dir=args.face_model_dir,
-            parser_weights=args.parser_weights,
-            subject=args.subject,
-        )
-    )
-    image = decode_image(_read(args.image, "--image"), face.config.limits)
-    mask = _read(args.mask, "--mask") if args.mask is not None else None
-    video, reference = prepare_face_swap(_read(args.video, "--video"), image, face, mask, VideoLimits())
+    face = face_preprocessor(args)
+    image = decode_image(read_input(args.image, "--image"), face.config.limits)
+    mask = read_input(args.mask, "--mask") if args.mask is not None else None
+    video, reference = prepare_face_swap(read_input(args.video, "--video"), image, face, mask, VideoLimits())
     params = face_swap_params(base, video)
     params.validate()
-    started = time.perf_counter()
-    pipe = StandInPipeline.from_preset(
-        args.preset,
-        args.checkpoint_dir,
-        standin_checkpoint=args.standin_checkpoint,
-        device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-    )
-    log.info("loaded %s in %.1fs on %s", args.preset, time.perf_counter() - started, pipe.device)
-    with tqdm(total=params.num_steps, desc="face swap", unit="step", file=sys.stderr) as bar:
-        out = generate_face_swap(
-            pipe, params, video, reference.to_array(), options, progress=lambda done, total: bar.update(1)
-        )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(encode_mp4(out, fps=video.fps))
-    return args.output
+    pipe = load_pipeline(args)
+    with progress_bar(params.num_steps, "face swap") as progress:
+        out = generate_face_swap(pipe, params, video, reference.to_array(), options, progress=progress)
+    return write_video(args.output, out, video.fps)

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from standin.config import DTYPES
 from standin.errors import InvalidRequestError
-from standin.face import FaceConfig, FacePreprocessor
-from standin.pipeline import GenerationParams, StandInPipeline
+from standin.generate_args import (
+    face_preprocessor,
+    generation_params,
+    load_pipeline,
+    progress_bar,
+    read_input,
+    write_video,
+)
 from standin.presets import PRESETS, get_preset
 from standin.vace import DEFAULT_VACE_SCALE, check_vace_scale
 from standin.vace_conditioning import control_from_bytes
 from standin.vace_pipeline import generate_with_control
-from standin.video import encode_mp4
 from standin.video_input import VideoLimits
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,6 @@ def add_control_arguments(gen: argparse.ArgumentParser) -> None:
     )
 
 
-def _read(path: Path, option: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise SystemExit(f"error: cannot read {option}: {e}") from None
-
-
 def run_controlled(args: argparse.Namespace) -> Path:
     """The `generate` command with ``--control-video``: writes the MP4 and returns its path."""
     given = [f"--{n}" for n in ("width", "height", "frames") if getattr(args, n, None) is not None]
@@ -73,46 +66,17 @@ def run_controlled(args: argparse.Namespace) -> Path:
     if preset.vace is None:
         vace_presets = sorted(name for name, p in PRESETS.items() if p.vace is not None)
         raise InvalidRequestError(f"preset {preset.name} has no VACE branch; use one of {vace_presets}")
-    params = GenerationParams(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        width=preset.width,
-        height=preset.height,
-        num_frames=preset.num_frames,
-        num_steps=args.steps or preset.num_steps,
-        guidance_scale=args.guidance,
-        shift=args.shift,
-        seed=args.seed,
-        cfg_mode=args.cfg_mode,
-    )
+    params = generation_params(args)  # size and frames: the preset's, until the control replaces them
     params.validate()  # fail before decoding or loading anything
-    mask = _read(args.control_mask, "--control-mask") if args.control_mask is not None else None
-    first = _read(args.first_frame, "--first-frame") if args.first_frame is not None else None
-    control = control_from_bytes(_read(args.control_video, "--control-video"), mask, first, VideoLimits())
+    mask = read_input(args.control_mask, "--control-mask") if args.control_mask is not None else None
+    first = read_input(args.first_frame, "--first-frame") if args.first_frame is not None else None
+    control = control_from_bytes(
+        read_input(args.control_video, "--control-video"), mask, first, VideoLimits()
+    )
     reference = None
     if args.image is not None:
-        face = FacePreprocessor(
-            FaceConfig(
-                backend=args.face_backend,
-                model_dir=args.face_model_dir,
-                parser_weights=args.parser_weights,
-                subject=args.subject,
-            )
-        )
-        reference = face.process_bytes(_read(args.image, "--image")).to_array()
-    started = time.perf_counter()
-    pipe = StandInPipeline.from_preset(
-        args.preset,
-        args.checkpoint_dir,
-        standin_checkpoint=args.standin_checkpoint,
-        device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-    )
-    log.info("loaded %s in %.1fs on %s", args.preset, time.perf_counter() - started, pipe.device)
-    with tqdm(total=params.num_steps, desc="denoising", unit="step", file=sys.stderr) as bar:
-        video = generate_with_control(
-            pipe, params, control, reference, args.vace_scale, progress=lambda done, total: bar.update(1)
-        )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(encode_mp4(video, fps=args.fps))
-    return args.output
+        reference = face_preprocessor(args).process_bytes(read_input(args.image, "--image")).to_array()
+    pipe = load_pipeline(args)
+    with progress_bar(params.num_steps) as progress:
+        video = generate_with_control(pipe, params, control, reference, args.vace_scale, progress=progress)
+    return write_video(args.output, video, args.fps)
