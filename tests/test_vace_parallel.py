@@ -10,24 +10,18 @@ VACE blocks' attention needs).
 from __future__ import annotations
 
 import datetime
-import json
-import multiprocessing
-import os
-import time
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
 from parallel import Collectives, DenoiseRequest, DeviceMesh, ParallelConfig, SPRunner, init_distributed
-from parallel.rendezvous import free_port
 from standin.dit import WanDiT
 from standin.errors import InvalidRequestError
 from standin.guidance import guided_velocity
 from standin.presets import get_preset
 from standin.scheduler import FlowMatchSchedule
 from standin.vace import VaceBranch, VaceInputs, vace_call
+from tests.distributed import run_ranks
 
 TOLERANCE = 1e-5
 DEADLINE_S = 150
@@ -150,46 +144,15 @@ def _scenario(rank: int, counter: _CallCounter) -> dict:
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        counter = _CallCounter()
-        init_distributed(rank, world, f"tcp://127.0.0.1:{port}", timeout=datetime.timedelta(seconds=60))
-        result = _scenario(rank, counter)
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    os._exit(0)
+def _rank_main(rank: int, world: int, init_method: str) -> dict:
+    counter = _CallCounter()
+    init_distributed(rank, world, init_method, timeout=datetime.timedelta(seconds=60))
+    return _scenario(rank, counter)
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("vace_world2")
-    ctx = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(out_dir))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if hung:
-        pytest.fail(f"ranks {hung} still running after {DEADLINE_S} s (hang)")
-    results = []
-    for r in range(2):
-        path = out_dir / f"rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"rank {r} exited without results (exit code {procs[r].exitcode})")
-        results.append(json.loads(path.read_text()))
-    crashes = [res["crash"] for res in results if "crash" in res]
-    if crashes:
-        pytest.fail("\n".join(crashes))
-    return results
+    return run_ranks(_rank_main, 2, tmp_path_factory.mktemp("vace_world2"), DEADLINE_S)
 
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
