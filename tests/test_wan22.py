@@ -594,10 +594,15 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def sp_world(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("wan22_sp")
+    return _spawn(_sp_rank, 2, tmp_path_factory.mktemp("wan22_sp"))
+
+
+def _spawn(target, world: int, out_dir: Path) -> list[dict]:
+    """Run target(rank, world, port, out_dir) in `world` spawned processes with a hard deadline;
+    each writes rank{r}.json."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_sp_rank, args=(r, 2, port, str(out_dir))) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, world, port, str(out_dir))) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + SPAWN_DEADLINE_S
@@ -611,7 +616,7 @@ def sp_world(tmp_path_factory) -> list[dict]:
     if hung:
         pytest.fail(f"ranks {hung} still running after {SPAWN_DEADLINE_S} s (hang)")
     results = []
-    for r in range(2):
+    for r in range(world):
         path = out_dir / f"rank{r}.json"
         if not path.exists():
             pytest.fail(f"rank {r} exited without results (exit code {procs[r].exitcode})")
@@ -777,3 +782,73 @@ def test_the_http_api_takes_the_low_experts_guidance_for_two_expert_models_only(
     with pytest.raises(APIError) as err:
         parse_video_request({"prompt": "x", "guidance_scale_low": 3}, None, ServeSettings(), form=False)
     assert (err.value.status, err.value.param) == (422, "guidance_scale_low")
+
+
+def _serve_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A DiT replica's rank of a (tiny-sized) Wan2.2 checkpoint directory, resident experts:
+    rank 0 reads each expert and broadcasts it; the runner then serves one request."""
+    from serve_app import models
+    from serve_app.dit import RankState
+    from serve_app.settings import ServeSettings
+    from standin import presets
+
+    torch.set_num_threads(1)
+    out: dict = {}
+    try:
+        presets.PRESETS["test-wan2.2-tiny"] = replace(TINY_A14B, name="test-wan2.2-tiny")
+        reads: list[str] = []
+        real = models.load_expert
+
+        def counting(settings, name):
+            reads.append(name)
+            return real(settings, name)
+
+        models.load_expert = counting
+        root = Path(out_dir) / "ckpt"
+        expected_models = write_wan22(root) if rank == 0 else None
+        settings = ServeSettings.from_args(
+            {
+                "preset": "test-wan2.2-tiny",
+                "checkpoint_dir": str(root),
+                "device": "cpu",
+                "dtype": "float32",
+                "sp_degree": world,
+                "dist_backend": "gloo",
+                "collective_timeout_s": 60,
+            },
+            env={},
+        )
+        state = RankState(settings, rank, f"tcp://127.0.0.1:{port}")
+        out["reads"] = reads
+        experts = state.runner.experts
+        request = _sp_request(TINY_DIT)
+        if rank == 0:
+            got = state.runner.generate(request)
+            state.runner.shutdown()
+            expected = _reference_two_experts(expected_models, request)
+            out["err"] = float((got - expected).abs().max() / expected.abs().max())
+        else:
+            state.runner.serve_forever()
+        out["same_as_written"] = all(
+            torch.equal(a, b)
+            for name in (HIGH, LOW)
+            for a, b in zip(
+                experts.residency.activate(name).state_dict().values(),
+                random_expert(1 if name == HIGH else 2).state_dict().values(),
+                strict=True,
+            )
+        )
+    except BaseException:
+        out = {"crash": traceback.format_exc()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_a_two_rank_server_replica_reads_each_expert_once_and_serves_the_switch(tmp_path: Path):
+    results = _spawn(_serve_rank, 2, tmp_path)
+    assert [r["reads"] for r in results] == [[HIGH, LOW], []]  # rank 0 reads, rank 1 receives
+    assert all(r["same_as_written"] for r in results)
+    assert results[0]["err"] <= SP_TOLERANCE
