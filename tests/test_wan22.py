@@ -8,14 +8,8 @@ loading of both checkpoint layouts, the CLI on `tiny-a14b`, training one expert'
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing
-import os
-import socket
 import threading
-import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +37,7 @@ from standin.pipeline import DenoiseInputs, GenerationParams, StandInPipeline
 from standin.presets import T5_FILE, TOKENIZER_FILE, VAE_FILE, get_preset
 from standin.scheduler import FlowMatchSchedule
 from standin.wan22 import check_two_expert_dir, derive_low_expert, load_expert_dits, standin_paths
+from tests.distributed import run_ranks
 
 SMALL = GenerationParams("moves right on navy", width=32, height=32, num_frames=5, num_steps=8, seed=3)
 STEM = "diffusion_pytorch_model"
@@ -545,86 +540,45 @@ def _reference_two_experts(models: dict[str, WanDiT], request) -> torch.Tensor:
     return latents
 
 
-def _sp_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+def _sp_rank(rank: int, world: int, init_method: str) -> dict:
     import datetime
 
     from parallel import Collectives, DeviceMesh, ParallelConfig, SPRunner, init_distributed
 
-    torch.set_num_threads(1)
     out: dict = {}
-    try:
-        init_distributed(rank, world, f"tcp://127.0.0.1:{port}", timeout=datetime.timedelta(seconds=60))
-        pipe = StandInPipeline.from_preset("tiny-a14b", device="cpu")
-        models = {n: pipe.experts.residency.activate(n) for n in (HIGH, LOW)}
-        offload = ExpertSet.two(models[HIGH], models[LOW], 0.875, "offload", "cpu")
-        request = _sp_request(models[HIGH].config)
-        expected = _reference_two_experts(models, request)
-        # Without the switch (the high expert alone), for the "switch matters" check.
-        only_high = _reference_two_experts({HIGH: models[HIGH], LOW: models[HIGH]}, request)
-        for label, config, experts in (
-            ("ulysses2", ParallelConfig(ulysses=2), pipe.experts),
-            ("cfg2", ParallelConfig(cfg=2), pipe.experts),
-            ("ulysses2_offload", ParallelConfig(ulysses=2), offload),
-        ):
-            comm = Collectives(DeviceMesh(config, models[HIGH].config.num_heads))
-            runner = SPRunner(experts.residency.activate(HIGH), comm, experts)
-            if rank == 0:
-                got = [runner.generate(request), runner.generate(request)]  # twice: nothing carries over
-                runner.shutdown()
-                out[label] = {
-                    "err": [float((g - expected).abs().max() / expected.abs().max()) for g in got],
-                    "repeat_equal": torch.equal(got[0], got[1]),
-                    "latents": got[0].flatten().tolist(),
-                }
-            else:
-                runner.serve_forever()
-        out["switch_effect"] = float((only_high - expected).abs().max() / expected.abs().max())
-        out["offload_swaps"] = offload.residency.swaps
-    except BaseException:
-        out = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    init_distributed(rank, world, init_method, timeout=datetime.timedelta(seconds=60))
+    pipe = StandInPipeline.from_preset("tiny-a14b", device="cpu")
+    models = {n: pipe.experts.residency.activate(n) for n in (HIGH, LOW)}
+    offload = ExpertSet.two(models[HIGH], models[LOW], 0.875, "offload", "cpu")
+    request = _sp_request(models[HIGH].config)
+    expected = _reference_two_experts(models, request)
+    # Without the switch (the high expert alone), for the "switch matters" check.
+    only_high = _reference_two_experts({HIGH: models[HIGH], LOW: models[HIGH]}, request)
+    for label, config, experts in (
+        ("ulysses2", ParallelConfig(ulysses=2), pipe.experts),
+        ("cfg2", ParallelConfig(cfg=2), pipe.experts),
+        ("ulysses2_offload", ParallelConfig(ulysses=2), offload),
+    ):
+        comm = Collectives(DeviceMesh(config, models[HIGH].config.num_heads))
+        runner = SPRunner(experts.residency.activate(HIGH), comm, experts)
+        if rank == 0:
+            got = [runner.generate(request), runner.generate(request)]  # twice: nothing carries over
+            runner.shutdown()
+            out[label] = {
+                "err": [float((g - expected).abs().max() / expected.abs().max()) for g in got],
+                "repeat_equal": torch.equal(got[0], got[1]),
+                "latents": got[0].flatten().tolist(),
+            }
+        else:
+            runner.serve_forever()
+    out["switch_effect"] = float((only_high - expected).abs().max() / expected.abs().max())
+    out["offload_swaps"] = offload.residency.swaps
+    return out
 
 
 @pytest.fixture(scope="module")
 def sp_world(tmp_path_factory) -> list[dict]:
-    return _spawn(_sp_rank, 2, tmp_path_factory.mktemp("wan22_sp"))
-
-
-def _spawn(target, world: int, out_dir: Path) -> list[dict]:
-    """Run target(rank, world, port, out_dir) in `world` spawned processes with a hard deadline;
-    each writes rank{r}.json."""
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, str(out_dir))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if hung:
-        pytest.fail(f"ranks {hung} still running after {SPAWN_DEADLINE_S} s (hang)")
-    results = []
-    for r in range(world):
-        path = out_dir / f"rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"rank {r} exited without results (exit code {procs[r].exitcode})")
-        results.append(json.loads(path.read_text()))
-    crashes = {r: res["crash"] for r, res in enumerate(results) if "crash" in res}
-    if crashes:
-        pytest.fail("crashed:\n" + "\n".join(f"rank {r}:\n{tb}" for r, tb in crashes.items()))
-    return results
+    return run_ranks(_sp_rank, 2, tmp_path_factory.mktemp("wan22_sp"), SPAWN_DEADLINE_S)
 
 
 @pytest.mark.slow
@@ -784,7 +738,7 @@ def test_the_http_api_takes_the_low_experts_guidance_for_two_expert_models_only(
     assert (err.value.status, err.value.param) == (422, "guidance_scale_low")
 
 
-def _serve_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+def _serve_rank(rank: int, world: int, init_method: str, out_dir: str) -> dict:
     """A DiT replica's rank of a (tiny-sized) Wan2.2 checkpoint directory, resident experts:
     rank 0 reads each expert and broadcasts it; the runner then serves one request."""
     from serve_app import models
@@ -792,63 +746,58 @@ def _serve_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     from serve_app.settings import ServeSettings
     from standin import presets
 
-    torch.set_num_threads(1)
     out: dict = {}
-    try:
-        presets.PRESETS["test-wan2.2-tiny"] = replace(TINY_A14B, name="test-wan2.2-tiny")
-        reads: list[str] = []
-        real = models.load_expert
+    presets.PRESETS["test-wan2.2-tiny"] = replace(TINY_A14B, name="test-wan2.2-tiny")
+    reads: list[str] = []
+    real = models.load_expert
 
-        def counting(settings, name):
-            reads.append(name)
-            return real(settings, name)
+    def counting(settings, name):
+        reads.append(name)
+        return real(settings, name)
 
-        models.load_expert = counting
-        root = Path(out_dir) / "ckpt"
-        expected_models = write_wan22(root) if rank == 0 else None
-        settings = ServeSettings.from_args(
-            {
-                "preset": "test-wan2.2-tiny",
-                "checkpoint_dir": str(root),
-                "device": "cpu",
-                "dtype": "float32",
-                "sp_degree": world,
-                "dist_backend": "gloo",
-                "collective_timeout_s": 60,
-            },
-            env={},
+    models.load_expert = counting
+    root = Path(out_dir) / "ckpt"
+    expected_models = write_wan22(root) if rank == 0 else None
+    settings = ServeSettings.from_args(
+        {
+            "preset": "test-wan2.2-tiny",
+            "checkpoint_dir": str(root),
+            "device": "cpu",
+            "dtype": "float32",
+            "sp_degree": world,
+            "dist_backend": "gloo",
+            "collective_timeout_s": 60,
+        },
+        env={},
+    )
+    state = RankState(settings, rank, init_method)
+    out["reads"] = reads
+    experts = state.runner.experts
+    request = _sp_request(TINY_DIT)
+    if rank == 0:
+        got = state.runner.generate(request)
+        state.runner.shutdown()
+        expected = _reference_two_experts(expected_models, request)
+        out["err"] = float((got - expected).abs().max() / expected.abs().max())
+    else:
+        state.runner.serve_forever()
+    out["same_as_written"] = all(
+        torch.equal(a, b)
+        for name in (HIGH, LOW)
+        for a, b in zip(
+            experts.residency.activate(name).state_dict().values(),
+            random_expert(1 if name == HIGH else 2).state_dict().values(),
+            strict=True,
         )
-        state = RankState(settings, rank, f"tcp://127.0.0.1:{port}")
-        out["reads"] = reads
-        experts = state.runner.experts
-        request = _sp_request(TINY_DIT)
-        if rank == 0:
-            got = state.runner.generate(request)
-            state.runner.shutdown()
-            expected = _reference_two_experts(expected_models, request)
-            out["err"] = float((got - expected).abs().max() / expected.abs().max())
-        else:
-            state.runner.serve_forever()
-        out["same_as_written"] = all(
-            torch.equal(a, b)
-            for name in (HIGH, LOW)
-            for a, b in zip(
-                experts.residency.activate(name).state_dict().values(),
-                random_expert(1 if name == HIGH else 2).state_dict().values(),
-                strict=True,
-            )
-        )
-    except BaseException:
-        out = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    os._exit(0)
+    )
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_a_two_rank_server_replica_reads_each_expert_once_and_serves_the_switch(tmp_path: Path):
-    results = _spawn(_serve_rank, 2, tmp_path)
+    results = run_ranks(_serve_rank, 2, tmp_path, SPAWN_DEADLINE_S, str(tmp_path))
     assert [r["reads"] for r in results] == [[HIGH, LOW], []]  # rank 0 reads, rank 1 receives
     assert all(r["same_as_written"] for r in results)
     assert results[0]["err"] <= SP_TOLERANCE
