@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from standin.checkpoints import load_wan_dit
+from standin.config import DTYPES
 from standin.dit import WanDiT
 from standin.errors import CheckpointError
 from standin.experts import HIGH, LOW, expert_timestep_range
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 LORA_FILE = "Stand-In_wan2.1_T2V_14B.ckpt"
 DIT_FILE = "diffusion_pytorch_model.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# fp16 autocast would need loss scaling: train in float32 or bfloat16 only
+TRAIN_DTYPES = ("bfloat16", "float32")
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +66,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, help="training height (--data; preset default)")
     p.add_argument("--frames", type=int, help="frames per clip, 4k+1 (--data; preset default)")
     p.add_argument("--reference-dropout", type=float, default=0.1, help="demo recipe only")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype (default: bfloat16 on GPU)")
+    p.add_argument("--dtype", choices=TRAIN_DTYPES, help="autocast dtype (default: bfloat16 on GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--device", help="cuda, cpu (default: cuda:LOCAL_RANK if present)")
     p.add_argument(
