@@ -42,6 +42,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import RESULTS_DIR
 from benchmarks.gpu_plan import (
     ASSUMED_TFLOPS,
     NODE_BUDGET_S,
@@ -56,7 +57,6 @@ from parallel.rendezvous import free_port
 
 log = logging.getLogger("benchmarks.gpu_suite")
 
-RESULTS_DIR = Path(__file__).parent / "results"
 NO_CUDA_EXIT = 2
 # Layers of the 14B model written to disk for the load-time measurement (≈ 0.35 B params each).
 LOAD_LAYERS = 4
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return NO_CUDA_EXIT
-    from benchmarks.common import machine, timestamp
+    from benchmarks.common import result_header, timestamp
 
     visible = torch.cuda.device_count()
     gpus = min(args.gpus or visible, visible)
@@ -467,14 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     if aux is not None:
         aux.join()
     extra = json.loads(aux_out.read_text()) if aux_out.exists() else {}
+    command = "python -m benchmarks.gpu_suite " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {
-        "benchmark": "gpu_suite",
-        "command": "python -m benchmarks.gpu_suite " + " ".join(sys.argv[1:] if argv is None else argv),
+        **result_header("gpu_suite", started, command),
         "device": f"{gpus}× {gpu}",
-        "started": started,
-        "finished": timestamp(),
         "wall_s": time.perf_counter() - t0,
-        "machine": machine(),
         "settings": {"dtype": "bfloat16", "weights": "random (seeded)", "reps": args.reps,
                      "warmup": args.warmup, "frames": 81, "identity_tokens": 1024, "text_tokens": 512,
                      "step": "positive + negative CFG forward, identity cached"},

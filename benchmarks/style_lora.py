@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine, pyplot, result_path, timestamp, write_result
+from benchmarks.common import pyplot, result_header, result_path, save_figure, timestamp, write_result
 from benchmarks.model import IDENTITY_PRESETS, build_dit
 from standin.styles import LayerDelta, StyleLoRA, StyleSet, pinned_model
 
@@ -172,9 +172,7 @@ def plot(report: dict[str, Any], path: Any) -> None:
         f"{m.get('gpu') or m['cpu']}, {s['dtype']}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -199,11 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = timestamp()
     res = run(args.preset, args.reps, args.warmup, device, dtype)
     report = {
-        "benchmark": "style_lora_overhead",
-        "command": "python -m benchmarks.style_lora " + " ".join(argv),
-        "started": started,
-        "finished": timestamp(),
-        "machine": machine(),
+        **result_header("style_lora_overhead", started, "python -m benchmarks.style_lora " + " ".join(argv)),
         "settings": {
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
