@@ -30,6 +30,7 @@ TensorSource = tuple[torch.Tensor, str]
 # Official Wan2.1 DiT shard names; a single-file checkpoint is accepted too.
 WAN_DIT_SHARD_PATTERN = "diffusion_pytorch_model*.safetensors"
 LFS_POINTER_PREFIX = b"version https://git-lfs"
+DIFFUSERS_TRANSFORMER = "transformer"  # the DiT's folder in a diffusers checkpoint directory
 
 
 def check_file(path: Path, what: str) -> None:
@@ -138,7 +139,8 @@ def load_strict(module: nn.Module, tensors: Mapping[str, TensorSource], expected
 
 
 def shard_files(directory: Path, pattern: str = WAN_DIT_SHARD_PATTERN) -> list[Path]:
-    """The safetensors shards of a checkpoint directory, complete per its index if it has one."""
+    """The safetensors shards of a checkpoint directory, complete per its index if it has one;
+    a directory in the diffusers layout keeps them in its `transformer/` folder."""
     index_files = sorted(directory.glob(pattern.replace("*.safetensors", "*.safetensors.index.json")))
     if index_files:
         with index_files[0].open() as f:
@@ -148,6 +150,8 @@ def shard_files(directory: Path, pattern: str = WAN_DIT_SHARD_PATTERN) -> list[P
             check_file(p, f"shard listed in {index_files[0].name}")
         return paths
     paths = sorted(directory.glob(pattern))
+    if not paths and (directory / DIFFUSERS_TRANSFORMER).is_dir():
+        return shard_files(directory / DIFFUSERS_TRANSFORMER, pattern)
     if not paths:
         raise CheckpointError(f"no {pattern} files in {directory}")
     return paths

@@ -118,6 +118,9 @@ def test_diffusers_transformer_folder_loads(tmp_path: Path) -> None:
     save_safetensors_shards(renamed, tmp_path / "transformer", 3, STEM)
     loaded = load_wan_dit(tmp_path / "transformer", CFG, lora_path=lora, dtype=torch.float32)
     assert_close(outputs(loaded), outputs(model), rtol=1e-6)
+    # the checkpoint directory itself (what --checkpoint-dir names) finds its transformer/ folder
+    from_dir = load_wan_dit(tmp_path, CFG, lora_path=lora, dtype=torch.float32)
+    assert_close(outputs(from_dir), outputs(model), rtol=1e-6)
 
 
 # -- strict loading -----------------------------------------------------------------------
