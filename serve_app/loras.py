@@ -300,7 +300,11 @@ class LoraLibrary:
     def listing(self) -> dict[str, Any]:
         """GET /v1/loras: usable LoRAs (`data`) and files that are refused, with the reason."""
         data, unusable = [], []
-        for name in self.names():
+        try:
+            names = self.names()
+        except OSError as exc:
+            raise _unavailable(exc) from None
+        for name in names:
             if not _NAME.match(name) or ".." in name:
                 unusable.append({"name": name[:80], "error": "the file name is not a valid LoRA name"})
                 continue
@@ -308,6 +312,8 @@ class LoraLibrary:
                 data.append({"object": "lora", **self.describe(name)})
             except (StyleLoRAError, LoraNotFoundError) as exc:
                 unusable.append({"name": name, "error": str(exc)})
+            except OSError as exc:
+                raise _unavailable(exc) from None
         return {"object": "list", "data": data, "unusable": unusable}
 
     def check(self, refs: Sequence[StyleRef]) -> tuple[StyleRef, ...]:
@@ -328,6 +334,8 @@ class LoraLibrary:
                 raise APIError(
                     422, f"LoRA {ref.name!r} is refused: {exc}", param="loras", code="invalid_lora"
                 ) from None
+            except OSError as exc:
+                raise _unavailable(exc) from None
             out.append(StyleRef(ref.name, ref.scale, info["sha256"]))
         return tuple(out)
 
@@ -355,6 +363,18 @@ class LoraLibrary:
         return StyleLoRA.load(
             path, self.targets, name=name, max_bytes=self.max_bytes, dtype=dtype, device=device
         )
+
+
+def _unavailable(exc: OSError) -> APIError:
+    """lora_dir cannot be read (storage down, permissions): 503, details only in the log."""
+    log.warning("lora_dir unreadable: %s", exc)
+    return APIError(
+        503,
+        "the style LoRA directory cannot be read right now; retry later",
+        type="server_error",
+        code="lora_dir_unavailable",
+        headers={"Retry-After": "10"},
+    )
 
 
 # -- one rank's loaded LoRAs --------------------------------------------------------------------

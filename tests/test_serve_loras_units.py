@@ -259,3 +259,17 @@ def test_dit_replica_applies_named_styles_like_the_pipeline_and_refuses_a_change
     assert error["event"] == "error" and error["kind"] == "invalid" and "changed since" in error["message"]
     stats = handle.stats.remote().result()["styles"]
     assert stats["loaded"] == ["palette"] and stats["loads"] == 1 and stats["hits"] >= 1
+
+
+def test_an_unreadable_lora_dir_is_a_503_not_a_500(lora_dir: Path, monkeypatch):
+    lib = _library(str(lora_dir))
+
+    def broken() -> dict:
+        raise OSError("connection reset by the object store")
+
+    monkeypatch.setattr(lib, "_entries", broken)
+    for call in (lib.listing, lambda: lib.check([StyleRef("palette", 1.0)])):
+        with pytest.raises(APIError) as err:
+            call()
+        assert err.value.status == 503 and err.value.code == "lora_dir_unavailable"
+        assert "connection" not in err.value.message  # details stay in the log
