@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -267,7 +268,7 @@ class LoraLibrary:
         local = self.cache_dir / tag / filename
         if not local.is_file():
             local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(local.name + f".tmp-{threading.get_ident()}")
+            tmp = local.with_name(f"{local.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # ranks share it
             self._fs.get_file(f"{self._root.rstrip('/')}/{filename}", str(tmp))
             tmp.replace(local)
         return local
