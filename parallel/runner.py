@@ -43,6 +43,7 @@ from standin.experts import ExpertRun, ExpertSet
 from standin.guidance import combine_guidance, guided_velocity
 from standin.scheduler import DEFAULT_SHIFT, FlowMatchSchedule
 from standin.sdedit import BackgroundConsistency
+from standin.step_cache import FirstBlockCache, StepCache, make_step_cache
 from standin.vace import DEFAULT_VACE_SCALE, VaceBranch, VaceInputs, vace_call
 
 __all__ = ["DenoiseRequest", "SPRunner"]
@@ -101,6 +102,9 @@ class DenoiseRequest:
     vace_scale: float = DEFAULT_VACE_SCALE
     # style LoRAs (parallel/styles.py): sent as references; every rank resolves its own adapters
     styles: tuple[StyleRef, ...] = ()
+    # opt-in step caching (standin/step_cache.py); every rank keeps its own state of the request
+    # and takes the same skip decisions (the statistic is gathered over the SP group)
+    cache: StepCache | None = None
 
 
 class SPRunner:
@@ -156,6 +160,7 @@ class SPRunner:
             "vace_scale": float(request.vace_scale),
             "styles": [r.as_tuple() for r in request.styles],
             "styles_hash": styles_digest(request.styles),
+            "cache": None if request.cache is None else request.cache.as_tuple(),
             "tensors": {
                 name: (tuple(t.shape), t.dtype) if t is not None else None
                 for name in _TENSOR_FIELDS
@@ -248,9 +253,11 @@ class SPRunner:
             return schedule, run, keeper
 
         schedule, run, keeper = self._phase(setup)
+        cache_setting = header.get("cache")
+        step_cache = make_step_cache(StepCache(*cache_setting) if cache_setting else None)
         for i in range(schedule.num_steps):
             vace_scale = header.get("vace_scale")
-            step = functools.partial(self._step, schedule, i, latents, received, run, vace_scale)
+            step = functools.partial(self._step, schedule, i, latents, received, run, vace_scale, step_cache)
             if keeper is not None:
                 step = functools.partial(_then_keep_background, step, keeper, i)
             latents = self._phase(step, should_cancel)
@@ -270,6 +277,7 @@ class SPRunner:
         received: dict[str, torch.Tensor | None],
         run: ExpertRun[ShardedDiT],
         vace_scale: float | None = None,
+        step_cache: FirstBlockCache | None = None,
     ) -> torch.Tensor:
         """One denoising step on every rank with the step's expert: latents [B, C, F, H, W] →
         the next latents. The expert's first step builds its identity cache (a switch)."""
@@ -277,9 +285,12 @@ class SPRunner:
         vace = None if vace_ctx is None else VaceInputs(vace_ctx, vace_scale)
         t = schedule.timestep(i).to(latents.device).expand(latents.shape[0])
         expert = run.step(i)
+        if step_cache is not None:
+            step_cache.begin_step(i, expert.name)
         ctx, neg = received["context"], received["negative_context"]
         velocity = self._velocity(
-            latents, t, ctx, neg, expert.identity, expert.guidance, expert.model, vace, expert.adapters
+            latents, t, ctx, neg, expert.identity, expert.guidance, expert.model, vace, expert.adapters,
+            step_cache,
         )
         return schedule.step(velocity, i, latents)
 
@@ -294,11 +305,17 @@ class SPRunner:
         dit: ShardedDiT | None = None,
         vace: VaceInputs | None = None,
         adapters: Any = None,
+        step_cache: FirstBlockCache | None = None,
     ) -> torch.Tensor:
         """CFG-combined velocity [B, C_out, F, H, W], the same on every rank (`dit`: the step's
-        expert, default the runner's one DiT; `vace`: the request's control, hints per call)."""
+        expert, default the runner's one DiT; `vace`: the request's control, hints per call;
+        `step_cache`: the request's step-cache state, each call taking its next slot)."""
         dit = dit or self.dit
-        if vace is None:
+        if step_cache is not None:
+            if vace is not None:
+                raise InvalidRequestError("step caching is not available with a control video (VACE)")
+            call = step_cache.call(dit.model, identity, adapters, base=dit.plan)
+        elif vace is None:
             call = functools.partial(dit, identity=identity, adapters=adapters)
         else:
             if self.vace is None:
@@ -412,6 +429,12 @@ class SPRunner:
             raise InvalidRequestError(f"guidance_low must be a finite number, got {low!r}")
         if low not in (None, 1.0) and request.negative_context is None:
             raise InvalidRequestError("guidance_low != 1 needs a negative_context")
+        if request.cache is not None:
+            if not isinstance(request.cache, StepCache):
+                raise InvalidRequestError(f"cache must be a StepCache or None, got {request.cache!r}")
+            request.cache.validate()
+            if request.vace_context is not None:
+                raise InvalidRequestError("step caching is not available with a control video (VACE)")
         if request.vace_context is not None:
             if self.vace is None:
                 raise InvalidRequestError("this model has no VACE branch: a control video needs one")

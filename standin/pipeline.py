@@ -36,6 +36,7 @@ from standin.presets import (
     get_preset,
 )
 from standin.scheduler import FlowMatchSchedule
+from standin.step_cache import FirstBlockCache, StepCache, make_step_cache
 from standin.text_encoder import TextEncoder
 from standin.tiny_weights import TINY_WEIGHTS, load_tiny_weights
 from standin.vace import TINY_VACE_WEIGHTS, VaceBranch, VaceInputs, load_tiny_vace, load_vace_dit, vace_call
@@ -80,6 +81,8 @@ class GenerationParams:
     seed: int = 0
     # "separate": two DiT passes per step (positive, negative); "batched": one pass of batch 2.
     cfg_mode: Literal["separate", "batched"] = "separate"
+    # opt-in step caching (standin/step_cache.py), e.g. StepCache("first_block", 0.05); None: off
+    cache: StepCache | None = None
 
     def validate(self) -> None:
         """Raise `InvalidRequestError` naming the first bad parameter."""
@@ -116,6 +119,10 @@ class GenerationParams:
             raise InvalidRequestError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if self.cfg_mode not in ("separate", "batched"):
             raise InvalidRequestError(f"cfg_mode must be 'separate' or 'batched', got {self.cfg_mode!r}")
+        if self.cache is not None:
+            if not isinstance(self.cache, StepCache):
+                raise InvalidRequestError(f"cache must be a StepCache or None, got {self.cache!r}")
+            self.cache.validate()
 
     @property
     def uses_guidance(self) -> bool:
@@ -194,6 +201,8 @@ class DenoiseInputs:
     # Wan2.1-VACE: the request's control context and scale (standin/vace_conditioning.py); the
     # pipeline's `vace` branch adds its hints in every DiT call. None: no control video.
     vace: VaceInputs | None = None
+    # opt-in step caching: the setting; `denoise` makes the request's own state from it
+    cache: StepCache | None = None
 
     @classmethod
     def for_request(
@@ -215,6 +224,7 @@ class DenoiseInputs:
             cfg_mode=params.cfg_mode,
             guidance_low=params.guidance_scale_low,
             adapters=adapters,
+            cache=params.cache,
         )
 
 
@@ -373,6 +383,7 @@ class StandInPipeline:
             return dit.identity_cache(ident, latents.shape, adapters=adapters)
 
         schedule = inputs.schedule
+        step_cache = make_step_cache(inputs.cache)  # this request's own state (None: off)
         # The expert of each step and its identity cache (one "base" expert for Wan2.1 models).
         experts = self.experts or ExpertSet.single(self.dit)
         with experts.request():
@@ -385,7 +396,9 @@ class StandInPipeline:
                 adapters=inputs.adapters,
             )
             for i in range(len(schedule)):
-                latents = self._step(run, i, latents, inputs, should_cancel, reuse_identity_cache, make_cache)
+                latents = self._step(
+                    run, i, latents, inputs, should_cancel, reuse_identity_cache, make_cache, step_cache
+                )
                 if inputs.after_step is not None:
                     latents = inputs.after_step(latents, i)
                 if progress is not None:
@@ -401,6 +414,7 @@ class StandInPipeline:
         should_cancel: CancelCheck | None,
         reuse_identity_cache: bool,
         make_cache: Callable[[WanDiT, LinearAdapters | None], IdentityCache | None],
+        step_cache: FirstBlockCache | None = None,
     ) -> torch.Tensor:
         """Step i of the request with its expert: latents [B, 16, F', H', W'] → the next latents."""
         schedule = inputs.schedule
@@ -409,7 +423,12 @@ class StandInPipeline:
         t = schedule.timestep(i).to(self.device).expand(latents.shape[0])
         expert = run.step(i)
         identity = expert.identity if reuse_identity_cache else make_cache(expert.model, expert.adapters)
-        if inputs.vace is None:
+        if step_cache is not None:
+            if inputs.vace is not None:
+                raise InvalidRequestError("step caching is not available with a control video (VACE)")
+            step_cache.begin_step(i, expert.name)
+            call = step_cache.call(expert.model, identity, expert.adapters)
+        elif inputs.vace is None:
             call = functools.partial(expert.model, identity=identity, adapters=expert.adapters)
         else:
             call = vace_call(expert.model, self._vace_branch(), inputs.vace, identity, expert.adapters)
