@@ -19,22 +19,36 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from standin.errors import InvalidRequestError
+from standin.experts import HIGH, LOW, ExpertAdapters, expert_adapters
 from standin.forward_plan import LinearAdapters
 
-__all__ = ["StyleRef", "StyleResolver", "resolve_styles", "style_refs_from_header", "styles_digest"]
+__all__ = [
+    "STYLE_EXPERTS",
+    "StyleRef",
+    "StyleResolver",
+    "resolve_styles",
+    "style_refs_from_header",
+    "styles_digest",
+]
+
+
+# Which experts of a two-expert model (Wan2.2 A14B) a style applies to; one-DiT models: "both".
+STYLE_EXPERTS = ("both", HIGH, LOW)
 
 
 @dataclass(frozen=True)
 class StyleRef:
-    """One style of a request: the LoRA's name, the user's scale and (when known) the sha256
-    of the file it was accepted with ("" = not checked)."""
+    """One style of a request: the LoRA's name, the user's scale, (when known) the sha256 of the
+    file it was accepted with ("" = not checked), and the experts it applies to (a style's
+    high/low pair on Wan2.2 A14B is two refs, one "high" and one "low")."""
 
     name: str
     scale: float = 1.0
     sha256: str = ""
+    expert: str = "both"
 
-    def as_tuple(self) -> tuple[str, float, str]:
-        return (self.name, float(self.scale), self.sha256)
+    def as_tuple(self) -> tuple[str, float, str, str]:
+        return (self.name, float(self.scale), self.sha256, self.expert)
 
 
 class StyleResolver(Protocol):
@@ -62,21 +76,33 @@ def check_refs(refs: Any) -> tuple[StyleRef, ...]:
             raise InvalidRequestError(f"styles must hold StyleRef(name, scale, sha256), got {r!r}")
         if isinstance(r.scale, bool) or not isinstance(r.scale, int | float) or not math.isfinite(r.scale):
             raise InvalidRequestError(f"style {r.name}: scale must be a finite number, got {r.scale!r}")
+        if r.expert not in STYLE_EXPERTS:
+            raise InvalidRequestError(
+                f"style {r.name}: expert must be one of {STYLE_EXPERTS}, got {r.expert!r}"
+            )
         out.append(r)
     return tuple(out)
 
 
 def style_refs_from_header(header: dict[str, Any]) -> tuple[StyleRef, ...]:
     """The styles a rank received (checked against the header's digest)."""
-    refs = tuple(StyleRef(n, s, h) for n, s, h in header.get("styles") or ())
+    refs = tuple(StyleRef(n, s, h, e) for n, s, h, e in header.get("styles") or ())
     if refs and styles_digest(refs) != header.get("styles_hash"):
         raise InvalidRequestError("the request's styles do not match their digest")
     return refs
 
 
-def resolve_styles(resolver: StyleResolver | None, refs: Sequence[StyleRef]) -> LinearAdapters | None:
+def resolve_styles(resolver: StyleResolver | None, refs: Sequence[StyleRef]) -> ExpertAdapters:
     """This rank's adapters for `refs` (None without styles); each loaded file must have the
-    sha256 the request names."""
+    sha256 the request names. Refs aimed at one expert give each expert its own adapters."""
+    if any(r.expert != "both" for r in refs):
+        high = [r for r in refs if r.expert in ("both", HIGH)]
+        low = [r for r in refs if r.expert in ("both", LOW)]
+        return expert_adapters(_resolve(resolver, high), _resolve(resolver, low))
+    return _resolve(resolver, refs)
+
+
+def _resolve(resolver: StyleResolver | None, refs: Sequence[StyleRef]) -> LinearAdapters | None:
     if not refs:
         return None
     if resolver is None:

@@ -739,6 +739,11 @@ class LoraField(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="a name from GET /v1/loras")
     scale: float = Field(1.0, description="strength = scale × alpha / rank; |scale| ≤ max_lora_scale")
+    expert: Literal["both", "high", "low"] = Field(
+        "both",
+        description="two-expert models (Wan2.2 A14B): the expert this style applies to; a style's "
+        "high/low pair is two entries",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from parallel.styles import StyleRef
+from parallel.styles import STYLE_EXPERTS, StyleRef
 from serve_app.api import APIError
 from serve_app.settings import ServeSettings
 from standin.config import DiTConfig
@@ -71,7 +71,7 @@ SUFFIX = ".safetensors"
 # bound is each rank's StyleCache (lora_cache_count / lora_cache_bytes).
 MAX_STYLE_SETS_PER_REPLICA = 32
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_LORA_FIELDS = {"name", "scale"}
+_LORA_FIELDS = {"name", "scale", "expert"}
 
 
 class LoraNotFoundError(StandInError, LookupError):
@@ -139,9 +139,20 @@ def parse_loras(raw: Any, settings: ServeSettings, *, form: bool) -> tuple[Style
                 param="loras",
                 code="lora_scale_out_of_range",
             )
-        if any(r.name == name for r in refs):
+        expert = item.get("expert", "both")
+        if expert not in STYLE_EXPERTS:
+            choices = list(STYLE_EXPERTS)
+            raise APIError(400, f"loras: expert of {name} must be one of {choices}", param="loras")
+        if expert != "both" and get_preset(settings.preset).experts is None:
+            raise APIError(
+                422,
+                f"loras: expert {expert!r} applies to two-expert models (Wan2.2 A14B), not {settings.preset}",
+                param="loras",
+                code="lora_expert_unsupported",
+            )
+        if any(r.name == name and r.expert == expert for r in refs):
             raise APIError(400, f"loras: {name} is given twice", param="loras")
-        refs.append(StyleRef(name, float(scale)))
+        refs.append(StyleRef(name, float(scale), expert=expert))
     return tuple(refs)
 
 
@@ -158,12 +169,13 @@ def _finite(value: Any) -> float | None:
 
 def refs_to_job(refs: Sequence[StyleRef]) -> list[dict[str, Any]]:
     """What the job row stores (and the video object shows)."""
-    return [{"name": r.name, "scale": r.scale, "sha256": r.sha256} for r in refs]
+    return [{"name": r.name, "scale": r.scale, "sha256": r.sha256, "expert": r.expert} for r in refs]
 
 
 def refs_from_job(request: dict[str, Any]) -> tuple[StyleRef, ...]:
     return tuple(
-        StyleRef(d["name"], float(d["scale"]), d.get("sha256", "")) for d in request.get("loras") or ()
+        StyleRef(d["name"], float(d["scale"]), d.get("sha256", ""), d.get("expert", "both"))
+        for d in request.get("loras") or ()
     )
 
 
@@ -337,7 +349,7 @@ class LoraLibrary:
                 ) from None
             except OSError as exc:
                 raise _unavailable(exc) from None
-            out.append(StyleRef(ref.name, ref.scale, info["sha256"]))
+            out.append(StyleRef(ref.name, ref.scale, info["sha256"], ref.expert))
         return tuple(out)
 
     def load(

@@ -357,6 +357,10 @@ class ExpertRun(Generic[M]):
         self._wrap = wrap
         low = guidance if guidance_low is None else guidance_low
         self._guidance = {HIGH: guidance, BASE: guidance, LOW: low}
+        if isinstance(adapters, Mapping) and experts.boundary is None:
+            raise InvalidRequestError(
+                "styles for one expert (high/low) need a two-expert model (Wan2.2 A14B)"
+            )
         self._adapters = adapters
         self._current: str | None = None
         self._model: Any = None

@@ -273,3 +273,73 @@ def test_an_unreadable_lora_dir_is_a_503_not_a_500(lora_dir: Path, monkeypatch):
             call()
         assert err.value.status == 503 and err.value.code == "lora_dir_unavailable"
         assert "connection" not in err.value.message  # details stay in the log
+
+
+# -- a style's high/low pair on a two-expert model (Wan2.2 A14B) -------------------------------
+
+A14B = ServeSettings(preset="tiny-a14b", lora_dir="/nowhere", max_loras_per_request=2, max_lora_scale=2.0)
+
+
+def test_loras_may_name_their_expert_on_two_expert_models_only():
+    pair = [{"name": "ghibli", "scale": 0.8, "expert": "high"}, {"name": "ghibli", "expert": "low"}]
+    assert parse_loras(pair, A14B, form=False) == (
+        StyleRef("ghibli", 0.8, expert="high"),
+        StyleRef("ghibli", 1.0, expert="low"),
+    )
+    with pytest.raises(APIError) as err:
+        parse_loras([{"name": "ghibli", "expert": "low"}], S, form=False)  # tiny: one DiT
+    assert err.value.status == 422 and err.value.code == "lora_expert_unsupported"
+    with pytest.raises(APIError) as err:
+        parse_loras([{"name": "ghibli", "expert": "middle"}], A14B, form=False)
+    assert err.value.status == 400
+    with pytest.raises(APIError):
+        twice = [{"name": "ghibli", "expert": "low"}, {"name": "ghibli", "expert": "low"}]
+        parse_loras(twice, A14B, form=False)
+
+
+def test_refs_for_one_expert_resolve_to_each_experts_own_adapters(lora_dir: Path):
+    from parallel.styles import resolve_styles
+    from standin.experts import HIGH, LOW
+
+    lib = _library(str(lora_dir))
+    sha = lib.describe("palette")["sha256"]
+    resolver = ReplicaStyles(lib, StyleCache(4, 10**9))
+    both = resolve_styles(resolver, [StyleRef("palette", 0.5, sha)])
+    assert isinstance(both, StyleSet)
+    refs = [StyleRef("palette", 0.5, sha, "high"), StyleRef("palette", 1.5, sha, "low")]
+    pair = resolve_styles(resolver, refs)
+    assert [s for _, s in pair[HIGH].styles] == [0.5] and [s for _, s in pair[LOW].styles] == [1.5]
+    high_only = resolve_styles(resolver, [StyleRef("palette", 0.5, sha, "high")])
+    assert high_only[LOW] is None and [s for _, s in high_only[HIGH].styles] == [0.5]
+
+
+def test_dit_replica_of_a_two_expert_model_applies_a_high_low_pair_like_the_pipeline(lora_dir: Path):
+    """tiny-a14b in local testing mode: a style only on the low-noise expert gives the pipeline's
+    latents with that expert's adapters, and differs from the style on both experts."""
+    from ray import serve
+
+    from serve_app.dit import DiTReplica
+    from standin.experts import expert_adapters
+    from standin.pipeline import DenoiseInputs, GenerationParams, StandInPipeline
+
+    settings = ServeSettings(
+        preset="tiny-a14b", sp_degree=1, lora_dir=str(lora_dir), state_dir=str(lora_dir / "state")
+    )
+    library = LoraLibrary.for_settings(settings)
+    [low] = library.check([StyleRef("palette", 1.0, expert="low")])
+    [both] = library.check([StyleRef("palette", 1.0)])
+    pipe = StandInPipeline.from_preset("tiny-a14b")
+    params = GenerationParams(prompt="a face", width=32, height=32, num_frames=5, num_steps=4, seed=5)
+    ctx, neg = pipe.encode_prompts(params.prompt, params.negative_prompt)
+    conditioning = {"context": ctx, "negative_context": neg, "identity_latents": None}
+    handle = serve.run(DiTReplica.bind(settings), _local_testing_mode=True)
+
+    def served(ref: StyleRef) -> torch.Tensor:
+        events = list(handle.options(stream=True).denoise.remote(params, conditioning, None, (ref,)))
+        assert events[-1]["event"] == "result", events[-1]
+        return events[-1]["latents"]
+
+    style = StyleSet([(StyleLoRA.load(lora_dir / "palette.safetensors", pipe.dit), 1.0)])
+    low_only = DenoiseInputs.for_request(params, ctx, neg, None, adapters=expert_adapters(None, style))
+    assert torch.equal(served(low), pipe.denoise(low_only))
+    assert not torch.equal(served(low), served(both))

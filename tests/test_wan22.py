@@ -29,6 +29,7 @@ from standin.experts import (
     ExpertRun,
     ExpertSet,
     OffloadedExperts,
+    expert_adapters,
     expert_for_timestep,
     expert_per_step,
     expert_timestep_range,
@@ -801,3 +802,12 @@ def test_a_two_rank_server_replica_reads_each_expert_once_and_serves_the_switch(
     assert [r["reads"] for r in results] == [[HIGH, LOW], []]  # rank 0 reads, rank 1 receives
     assert all(r["same_as_written"] for r in results)
     assert results[0]["err"] <= SP_TOLERANCE
+
+
+def test_per_expert_styles_on_a_one_dit_model_are_refused() -> None:
+    pipe = StandInPipeline.from_preset("tiny")
+    params = GenerationParams(prompt="a face", width=32, height=32, num_frames=5, num_steps=2)
+    ctx, neg = pipe.encode_prompts(params.prompt, params.negative_prompt)
+    inputs = DenoiseInputs.for_request(params, ctx, neg, None, adapters=expert_adapters(None, None))
+    with pytest.raises(InvalidRequestError, match="two-expert model"):
+        pipe.denoise(inputs)
