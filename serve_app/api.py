@@ -594,7 +594,10 @@ def video_object(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "guidance_scale": r["guidance_scale"],
         "guidance_scale_low": r.get("guidance_scale_low"),
         "shift": r["shift"],
-        "loras": [{"name": d["name"], "scale": d["scale"]} for d in r.get("loras") or ()],
+        "loras": [
+            {"name": d["name"], "scale": d["scale"], "expert": d.get("expert", "both")}
+            for d in r.get("loras") or ()
+        ],
         "subject": r["subject"],
         "has_reference": r["has_reference"],
         "mode": r.get("mode", "text_to_video"),

@@ -166,7 +166,7 @@ def test_get_loras_lists_what_a_request_may_name_and_why_files_are_refused(clien
 
 def test_a_styled_video_equals_the_pipelines_with_the_same_style(client, pipeline_frames):
     styled = _run(client, [{"name": "palette", "scale": 0.8}])
-    assert styled["loras"] == [{"name": "palette", "scale": 0.8}]
+    assert styled["loras"] == [{"name": "palette", "scale": 0.8, "expert": "both"}]
     assert styled["frames_sha256"] == pipeline_frames([("palette", 0.8)])
     plain = _run(client, None)
     assert plain["loras"] == [] and plain["frames_sha256"] == pipeline_frames([])
