@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from standin.config import DiTConfig
-from standin.dit import WanDiT
+from standin.dit import WanDiT, keeps_float32
 from standin.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,12 @@ def read_safetensors(
     dtype: torch.dtype | None,
     device: torch.device | str = "cpu",
     rename: Callable[[str], str | None] | None = None,
+    float32_keys: Callable[[str], bool] | None = None,
 ) -> dict[str, TensorSource]:
     """Read every tensor of the given safetensors files, converted on the way in.
 
-    `rename` maps a file key to a model key (None drops the key).
+    `rename` maps a file key to a model key (None drops the key); model keys for which
+    `float32_keys` is true are read as float32 whatever `dtype` says.
     """
     out: dict[str, TensorSource] = {}
     for path in paths:
@@ -79,7 +81,8 @@ def read_safetensors(
                         raise CheckpointError(
                             f"key {name} appears in both {out[name][1]} and {path.name}"
                         )
-                    out[name] = (_convert(f.get_tensor(key), dtype, device), path.name)
+                    want = torch.float32 if float32_keys is not None and float32_keys(name) else dtype
+                    out[name] = (_convert(f.get_tensor(key), want, device), path.name)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types
@@ -257,7 +260,8 @@ def load_wan_dit(
         raise CheckpointError(f"missing DiT checkpoint: {dit_path}")
     paths = [dit_path] if dit_path.is_file() else shard_files(dit_path)
     rename = diffusers_to_official if _is_diffusers(paths) else None
-    tensors = read_safetensors(paths, dtype=dtype, device=device, rename=rename)
+    # The parameters that stay float32 (standin/dit.py) are read so, not rounded through dtype.
+    tensors = read_safetensors(paths, dtype=dtype, device=device, rename=rename, float32_keys=keeps_float32)
     if lora_path is not None:
         lora = read_torch_pickle(lora_path, dtype=dtype, device=device)
         clash = next((k for k in lora if k in tensors), None)
@@ -270,5 +274,6 @@ def load_wan_dit(
         model = WanDiT(config)
     where = ", ".join(p.name for p in paths) + (f" + {lora_path.name}" if lora_path else "")
     load_strict(model, tensors, expected_in=where)
+    model.to_inference_dtype(dtype)
     log.info("loaded DiT from %s (%s, %s)", where, dtype, device)
     return model.eval().requires_grad_(False)

@@ -3,7 +3,8 @@
 The official 14B DiT ships as float32 safetensors shards (≈ 57 GB); every start of a replica
 reads them and converts to bf16 on the CPU. Converted once, the read halves (≈ 29 GB) and the
 conversion disappears. The output directory is a complete checkpoint directory: the DiT shards
-are rewritten in bf16 (same keys, same shard layout and index), the Stand-In LoRA is re-saved in
+are rewritten in bf16 (same keys, same shard layout and index; the parameters a bf16 DiT keeps in
+float32 — `standin.dit.keeps_float32`, ≈ 1.3 % of 14B's parameters — stay float32), the Stand-In LoRA is re-saved in
 bf16 under its own name, and every other entry (umT5, VAE, tokenizer) is linked, not copied.
 
     standin convert /models/Wan2.1-T2V-14B /models/Wan2.1-T2V-14B-bf16
@@ -25,13 +26,19 @@ from pathlib import Path
 
 import torch
 
-from standin.checkpoints import check_file, shard_files
+from standin.checkpoints import check_file, diffusers_to_official, shard_files
+from standin.dit import keeps_float32
 from standin.errors import CheckpointError
 from standin.presets import STANDIN_FILE
 
 __all__ = ["add_arguments", "convert_checkpoint", "main"]
 
 log = logging.getLogger(__name__)
+
+
+def _stored_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    """float32 for the parameters a bf16 DiT keeps in float32 (official or diffusers key), else dtype."""
+    return torch.float32 if keeps_float32(diffusers_to_official(key) or key) else dtype
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -60,7 +67,11 @@ def convert_checkpoint(
     read = written = 0
     for path in shards:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {key: _to(f.get_tensor(key), dtype).contiguous() for key in f.keys()}  # noqa: SIM118
+            # what a bf16 DiT keeps in float32 (standin/dit.py) stays float32 on disk too
+            tensors = {
+                key: _to(f.get_tensor(key), _stored_dtype(key, dtype)).contiguous()
+                for key in f.keys()  # noqa: SIM118
+            }
             metadata = f.metadata()
         save_file(tensors, str(tmp / path.name), metadata=metadata)
         read += path.stat().st_size

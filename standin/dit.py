@@ -9,8 +9,19 @@ cross-attention, and never attend to video tokens. Their per-layer K/V therefore
 depend on the video, the timestep or the prompt: `WanDiT.identity_cache` computes them once
 per request, and every denoising step (positive and negative pass) reuses them exactly.
 
-Numerics follow the official model: the residual stream and adaLN modulation are float32,
-linear layers run in the weights' dtype.
+Numerics (bf16/fp16 inference) follow the official model, which keeps float32 weights and runs
+under `autocast(bfloat16)` with float32 regions. Here the weights themselves carry the split, so
+that a bf16 model also halves its memory; `WanDiT.to_inference_dtype(dtype)` (used by the loaders)
+makes it:
+
+- **in `dtype`** (bf16): every linear and conv weight of the blocks (self/cross-attention
+  q/k/v/o, FFN), the text embedding, the patch embedding and Stand-In's identity LoRA; their
+  matmuls, attention (q/k/v in `dtype`) and the text context run in `dtype`;
+- **float32** (`keeps_float32`): the time embedding and time projection (their sinusoid is
+  computed in float64), every adaLN modulation table (`blocks.i.modulation`, `head.modulation`)
+  and its sums, the norm weights (q/k RMSNorm, `norm3`) with every norm computed in float32, the
+  head (its linear too, as the official fp32 autocast region), the residual stream and gates;
+  RoPE angles in float64, the rotation in float32 (q/k rounded to `dtype` before and after).
 
 `forward` and `identity_cache` are the model's only forwards: sequence parallelism, training and
 per-request features plug in through a `ForwardPlan` and `LinearAdapters` (standin/forward_plan.py).
@@ -31,10 +42,17 @@ from standin.forward_plan import LOCAL, ForwardPlan, LinearAdapters, SkipRest, V
 from standin.lora import LoRA
 from standin.rope import apply_rope, identity_positions, rope_angles, video_positions
 
-__all__ = ["DiTConfig", "IdentityCache", "Rope", "WanDiT"]
+__all__ = ["DiTConfig", "IdentityCache", "Rope", "WanDiT", "keeps_float32"]
 
 # (cos, sin) tables [S, head_dim/2] for the tokens a forward processes.
 Rope = tuple[torch.Tensor, torch.Tensor]
+
+_FLOAT32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
+
+
+def keeps_float32(name: str) -> bool:
+    """Whether parameter `name` stays float32 in a bf16/fp16 model (see the module docstring)."""
+    return name.startswith(_FLOAT32_PREFIXES) or name.endswith("modulation") or ".norm" in name
 
 
 @dataclass
@@ -87,7 +105,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return (normed * self.weight.float()).to(x.dtype)  # float32 weight, output in x's dtype
 
 
 class LayerNorm(nn.LayerNorm):
@@ -274,6 +292,15 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, c.dim * 6))
         self.blocks = nn.ModuleList(DiTBlock(c, f"blocks.{i}") for i in range(c.num_layers))
         self.head = Head(c)
+
+    def to_inference_dtype(self, dtype: torch.dtype) -> WanDiT:
+        """Cast in place for inference in `dtype`: linear/conv weights (and the LoRA) to `dtype`,
+        the `keeps_float32` parameters to float32. float32 → every parameter float32. Returns self."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if param.is_floating_point():
+                    param.data = param.data.to(torch.float32 if keeps_float32(name) else dtype)
+        return self
 
     # -- pieces of the forward ------------------------------------------------------------
 

@@ -307,7 +307,7 @@ class StandInPipeline:
     ) -> StandInPipeline:
         """The tiny preset's trained weights (standin/weights/tiny.safetensors, `standin train`)."""
         dit, vae, meta = load_tiny_weights(TINY_WEIGHTS, preset)
-        dit = dit.to(device=device, dtype=dtype)
+        dit = dit.to(device=device).to_inference_dtype(dtype)  # float32 where the official keeps it
         vae = vae.to(device=device)
         seed = meta.get("text_encoder_seed", 0)
         text = TextEncoder.tiny(seed, dtype=dtype, device=device, config=preset.text)

@@ -180,8 +180,9 @@ def tiny_two_experts(
     high, vae, meta = load_tiny_weights(TINY_WEIGHTS, preset)
     low = derive_low_expert(high)
     if residency == "offload":
-        experts = ExpertSet.two(high.to(dtype=dtype), low.to(dtype=dtype), layout.boundary, residency, device)
+        high, low = (m.to_inference_dtype(dtype) for m in (high, low))  # float32 parts kept
+        experts = ExpertSet.two(high, low, layout.boundary, residency, device)
     else:
-        high, low = (m.to(device=device, dtype=dtype) for m in (high, low))
+        high, low = (m.to(device=device).to_inference_dtype(dtype) for m in (high, low))
         experts = ExpertSet.two(high, low, layout.boundary, residency)
     return experts, vae.to(device=device), meta

@@ -40,7 +40,9 @@ def test_converted_checkpoint_loads_the_same_bf16_model_from_half_the_bytes(tmp_
     assert all(torch.equal(original[k], converted[k]) for k in original)
     shards = sorted(dst.glob("diffusion_pytorch_model-*.safetensors"))
     assert len(shards) == 3
-    assert sum(p.stat().st_size for p in shards) < 0.6 * sum(
+    # bf16 except the parameters kept float32 (time embedding/projection, modulation, norms, head):
+    # ≈ 0.63 of the bytes for the tiny preset, ≈ 0.51 for 14B
+    assert sum(p.stat().st_size for p in shards) < 0.7 * sum(
         p.stat().st_size for p in src.glob("diffusion_pytorch_model-*.safetensors")
     )
     assert stats["bytes_written"] < stats["bytes_read"]

@@ -41,7 +41,7 @@ from parallel.lse_attention import attention_with_lse, merge, select_lse_backend
 from parallel.weights import load_once_per_node
 from standin.checkpoints import load_wan_dit, save_safetensors_shards
 from standin.config import DiTConfig
-from standin.dit import WanDiT
+from standin.dit import WanDiT, keeps_float32
 from standin.errors import CancelledError, CheckpointError, InvalidRequestError
 from standin.presets import dit_preset
 from standin.scheduler import FlowMatchSchedule
@@ -549,7 +549,10 @@ def _weights_scenario(model: WanDiT, tmp: Path, out: dict) -> None:
         return load_wan_dit(ckpt, model.config, lora_path=ckpt / "lora.ckpt", dtype=torch.bfloat16)
 
     loaded, stats = load_once_per_node(load, lambda: WanDiT(model.config), device="cpu")
-    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    # bf16, except the parameters a bf16 DiT keeps in float32 (standin.dit.keeps_float32)
+    expected = {
+        k: v.to(torch.float32 if keeps_float32(k) else torch.bfloat16) for k, v in model.state_dict().items()
+    }
     got = loaded.state_dict()
     res = {
         "reads": reads["n"],
