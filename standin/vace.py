@@ -39,7 +39,7 @@ from torch import nn
 
 from standin.checkpoints import check_file, load_strict, read_safetensors, read_torch_pickle, shard_files
 from standin.config import DiTConfig
-from standin.dit import DiTBlock, IdentityCache, Rope, WanDiT
+from standin.dit import DiTBlock, IdentityCache, Rope, WanDiT, keeps_float32
 from standin.errors import CheckpointError, InvalidRequestError
 from standin.forward_plan import LOCAL, ForwardPlan, LinearAdapters, SkipRest, TokenSharding, VideoAttention
 from standin.rope import video_positions
@@ -310,7 +310,10 @@ def load_vace_dit(
         raise CheckpointError(f"missing VACE checkpoint: {dit_path}")
     paths = [dit_path] if dit_path.is_file() else shard_files(dit_path)
     keep = None if with_branch else (lambda k: None if is_vace_key(k) else k)
-    tensors = read_safetensors(paths, dtype=dtype, device=device, rename=keep)
+    # The DiT's float32 parameters (standin.dit.keeps_float32) are read as float32; the branch's
+    # weights all in dtype.
+    dit_float32 = lambda k: not is_vace_key(k) and keeps_float32(k)  # noqa: E731
+    tensors = read_safetensors(paths, dtype=dtype, device=device, rename=keep, float32_keys=dit_float32)
     branch_tensors = {k: v for k, v in tensors.items() if is_vace_key(k)}
     dit_tensors = {k: v for k, v in tensors.items() if not is_vace_key(k)}
     where = ", ".join(p.name for p in paths)
@@ -325,6 +328,7 @@ def load_vace_dit(
     with torch.device("meta"):
         model, branch = WanDiT(config), VaceBranch(config, vace)
     load_strict(model, dit_tensors, expected_in=where + (f" + {lora_path.name}" if lora_path else ""))
+    model.to_inference_dtype(dtype)
     if not with_branch:
         log.info("loaded the DiT of a VACE checkpoint from %s (%s, %s)", where, dtype, device)
         return model.eval().requires_grad_(False), None
