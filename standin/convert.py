@@ -3,9 +3,10 @@
 The official 14B DiT ships as float32 safetensors shards (≈ 57 GB); every start of a replica
 reads them and converts to bf16 on the CPU. Converted once, the read halves (≈ 29 GB) and the
 conversion disappears. The output directory is a complete checkpoint directory: the DiT shards
-are rewritten in bf16 (same keys, same shard layout and index; the parameters a bf16 DiT keeps in
-float32 — `standin.dit.keeps_float32`, ≈ 1.3 % of 14B's parameters — stay float32), the Stand-In LoRA is re-saved in
-bf16 under its own name, and every other entry (umT5, VAE, tokenizer) is linked, not copied.
+are rewritten in bf16 (same keys, same shard layout and index; the parameters a bf16 DiT keeps
+in float32 — `standin.dit.keeps_float32`, ≈ 1.3 % of 14B's parameters — stay float32), the
+Stand-In LoRA is re-saved in bf16 under its own name, and every other entry (umT5, VAE,
+tokenizer) is linked, not copied.
 
     standin convert /models/Wan2.1-T2V-14B /models/Wan2.1-T2V-14B-bf16
     # then checkpoint_dir: /models/Wan2.1-T2V-14B-bf16
