@@ -27,6 +27,7 @@ from standin.errors import InvalidRequestError
 from standin.pipeline import WAN_NEGATIVE_PROMPT, GenerationParams
 from standin.presets import get_preset
 from standin.sdedit import DEFAULT_DENOISING_STRENGTH
+from standin.step_cache import CACHE_KINDS, MAX_THRESHOLD, StepCache
 from standin.vace import DEFAULT_VACE_SCALE, MAX_VACE_SCALE
 from standin.video import DEFAULT_FPS, MAX_FPS
 
@@ -97,6 +98,7 @@ class VideoRequest:
             "guidance_scale_low": p.guidance_scale_low,
             "shift": p.shift,
             "seed": p.seed,
+            "cache": None if p.cache is None else {"kind": p.cache.kind, "threshold": p.cache.threshold},
             "fps": self.fps,
             "subject": self.subject,
             "has_reference": self.image is not None,
@@ -127,6 +129,7 @@ def params_from_job(request: dict[str, Any]) -> GenerationParams:
         guidance_scale_low=request.get("guidance_scale_low"),
         shift=request["shift"],
         seed=request["seed"],
+        cache=StepCache(**request["cache"]) if request.get("cache") else None,
     )
 
 
@@ -157,6 +160,7 @@ _FIELDS = {
     "control_mask",
     "first_frame",
     "vace_scale",
+    "cache",
 }
 
 
@@ -190,6 +194,32 @@ def _float(fields: dict[str, Any], name: str, form: bool) -> float | None:
     if not math.isfinite(out):
         raise APIError(400, f"{name} must be a finite number, got {v!r}", param=name)
     return out
+
+
+def _cache_option(fields: dict[str, Any], form: bool) -> StepCache | None:
+    """`cache`: {"kind": "first_block", "threshold": 0.05} (multipart: that object as a JSON
+    string) → a validated `StepCache`; absent or null: off. Bad shape 400, out of range 422."""
+    v = fields.get("cache")
+    if v is None or v == "":
+        return None
+    if form or isinstance(v, str):
+        try:
+            v = json.loads(str(v))
+        except (json.JSONDecodeError, RecursionError):
+            raise APIError(400, "cache must be a JSON object", param="cache") from None
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) - {"kind", "threshold"}:
+        raise APIError(400, 'cache must be {"kind": ..., "threshold": ...}', param="cache")
+    kind, threshold = v.get("kind", "first_block"), v.get("threshold", StepCache.threshold)
+    if not isinstance(kind, str) or isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise APIError(400, "cache kind must be a string and threshold a number", param="cache")
+    cache = StepCache(kind, float(threshold))
+    try:
+        cache.validate()
+    except InvalidRequestError as exc:
+        raise APIError(422, str(exc), param="cache") from None
+    return cache
 
 
 def check_text(value: str, name: str) -> str:
@@ -385,6 +415,9 @@ def parse_video_request(
             param="guidance_scale_low",
         )
     shift = _float(fields, "shift", form)
+    cache = _cache_option(fields, form)
+    if cache is not None and control is not None:
+        raise APIError(422, "step caching is not available with a control video (VACE)", param="cache")
     subject = _str(fields, "subject") or "face"
     if subject not in ("face", "object"):
         raise APIError(422, f"subject must be 'face' or 'object', got {subject!r}", param="subject")
@@ -400,6 +433,7 @@ def parse_video_request(
         guidance_scale_low=guidance_low,
         shift=5.0 if shift is None else shift,
         seed=seed,
+        cache=cache,
     )
     try:
         params.validate()
@@ -594,6 +628,7 @@ def video_object(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "guidance_scale": r["guidance_scale"],
         "guidance_scale_low": r.get("guidance_scale_low"),
         "shift": r["shift"],
+        "cache": r.get("cache"),
         "loras": [
             {"name": d["name"], "scale": d["scale"], "expert": d.get("expert", "both")}
             for d in r.get("loras") or ()
@@ -669,6 +704,7 @@ class CreateVideoJSON(_VideoFields):
     shift: float | None = None
     fps: float | None = None
     loras: list[LoraField] | None = Field(None, description="style LoRAs by name (GET /v1/loras), stacked")
+    cache: CacheField | None = Field(None, description="opt-in step caching (faster, approximate); null: off")
     input_reference: ImageURL | str | None = Field(None, description="the identity image as a data URL")
     input_video: VideoURL | str | None = Field(
         None, description="face swap: the video (MP4/MOV/MKV/WebM) as a data URL; remote URLs are refused"
@@ -702,6 +738,9 @@ class CreateVideoForm(_VideoFields):
     loras: str | None = Field(
         None, description='style LoRAs as a JSON string: [{"name": "ghibli", "scale": 0.8}]'
     )
+    cache: str | None = Field(
+        None, description='opt-in step caching as a JSON string: {"kind": "first_block", "threshold": 0.05}'
+    )
     input_reference: bytes | None = Field(
         None,
         description="the identity image file (JPEG, PNG, WebP, AVIF)",
@@ -733,6 +772,16 @@ class CreateVideoForm(_VideoFields):
         None, description="VACE: a reference image file", json_schema_extra={"format": "binary"}
     )
     vace_scale: str | None = None
+
+
+class CacheField(BaseModel):
+    """Opt-in step caching (standin/step_cache.py): skip most of a step's DiT blocks while the first
+    block's residual moved less than `threshold` (relative L1) since the last full step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal[CACHE_KINDS] = Field("first_block", description="the caching method")  # type: ignore[valid-type]
+    threshold: float = Field(0.05, ge=0, le=MAX_THRESHOLD, description="0 never skips; larger skips more")
 
 
 class LoraField(BaseModel):
@@ -790,6 +839,7 @@ class Video(BaseModel):
         None, description="two-expert models: the low-noise expert's guidance (null: guidance_scale)"
     )
     shift: float = Field(description="the flow-matching schedule's shift")
+    cache: CacheField | None = Field(None, description="the request's step caching (null: off)")
     loras: list[LoraField] = Field(description="the style LoRAs applied, with their scales")
     subject: str
     has_reference: bool

@@ -8,6 +8,7 @@ Ray and the HTTP client are imported only by the commands that use them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -70,6 +71,7 @@ def generate_remote(args: argparse.Namespace) -> Path:
             raise SystemExit("error: with --server give both --width and --height")
         size = f"{args.width}x{args.height}"
     swap = getattr(args, "video", None) is not None  # size, frames and fps come from the video
+    cache = getattr(args, "cache", None)  # --cache KIND[:THRESHOLD], a StepCache
     fields = {
         "model": args.model,
         "size": size,
@@ -81,6 +83,7 @@ def generate_remote(args: argparse.Namespace) -> Path:
         "fps": args.fps,
         "subject": args.subject if args.image is not None else None,
         "negative_prompt": None if args.negative_prompt == WAN_NEGATIVE_PROMPT else args.negative_prompt,
+        "cache": None if cache is None else json.dumps({"kind": cache.kind, "threshold": cache.threshold}),
     }
     if swap:
         fields["fps"] = None

@@ -333,6 +333,7 @@ class DiTReplica:
             guidance_low=params.guidance_scale_low,
             shift=params.shift,
             styles=styles,
+            cache=params.cache,
         )
         latents = self.rank0.runner.generate(request, progress, cancel.is_set)
         return drop_reference_frame(latents, vace).float().cpu()

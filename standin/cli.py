@@ -25,6 +25,7 @@ from standin.generate_args import (
 )
 from standin.pipeline import WAN_NEGATIVE_PROMPT
 from standin.presets import PRESETS, get_preset
+from standin.step_cache import StepCache, parse_step_cache
 from standin.styles import load_lora_args
 from standin.vace_command import add_control_arguments, run_controlled
 from standin.video import DEFAULT_FPS
@@ -61,6 +62,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     gen.add_argument("--shift", type=float, default=5.0, action=_Explicit, help="flow-matching sigma shift")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--cfg-mode", choices=["separate", "batched"], default="separate")
+    gen.add_argument(
+        "--cache",
+        type=_step_cache,
+        metavar="KIND[:THRESHOLD]",
+        help="opt-in step caching, e.g. first_block:0.05 (skips most blocks of a step whose first "
+        "block changed less than THRESHOLD, relative L1; faster, approximate; default off)",
+    )
     gen.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frames per second of the MP4")
     gen.add_argument(
         "--subject", choices=["face", "object"], default="face", help="object: skip face detection"
@@ -88,6 +96,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
     add_train_parser(sub)
     return parser, sub
+
+
+def _step_cache(text: str) -> StepCache:
+    """`--cache first_block:0.05` → a validated `StepCache` (argparse reports a bad value)."""
+    try:
+        return parse_step_cache(text)
+    except StandInError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class _Explicit(argparse.Action):

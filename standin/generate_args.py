@@ -68,6 +68,7 @@ def generation_params(args: argparse.Namespace) -> GenerationParams:
         seed=args.seed,
         cfg_mode=args.cfg_mode,
         guidance_scale_low=guidance_low,
+        cache=getattr(args, "cache", None),
     )
 
 

@@ -280,3 +280,51 @@ def test_sequence_parallel_caching_decides_alike_and_matches_one_process(tmp_pat
             assert float((sp - x).abs().max() / x.abs().max()) < 1e-5
         if threshold > 0:
             assert any(any(d) for d in cache.decisions), "the test threshold must skip something"
+
+
+# -- the request field: CLI and HTTP API ----------------------------------------------------
+
+
+def test_cli_cache_flag_reaches_the_request() -> None:
+    from standin.cli import build_parser
+    from standin.generate_args import generation_params
+
+    parser = build_parser()[0]
+    args = parser.parse_args(["generate", "--prompt", "p", "--preset", "tiny", "--cache", "first_block:0.1"])
+    assert generation_params(args).cache == StepCache("first_block", 0.1)
+    args = parser.parse_args(["generate", "--prompt", "p", "--preset", "tiny"])
+    assert generation_params(args).cache is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--prompt", "p", "--cache", "first_block:7"])
+
+
+def test_http_cache_field_is_validated_and_survives_the_job_round_trip() -> None:
+    from serve_app.api import APIError, params_from_job, parse_video_request
+    from serve_app.settings import ServeSettings
+
+    settings = ServeSettings(max_width=256, max_height=256, max_frames=33, max_steps=10)
+    as_json = parse_video_request(
+        {"prompt": "hi", "cache": {"kind": "first_block", "threshold": 0.1}}, None, settings, form=False
+    )
+    as_form = parse_video_request(
+        {"prompt": "hi", "seed": str(as_json.params.seed), "cache": '{"threshold": 0.1}'},
+        None,
+        settings,
+        form=True,
+    )
+    assert as_json.params.cache == as_form.params.cache == StepCache("first_block", 0.1)
+    assert params_from_job(as_json.to_job_request()) == as_json.params
+    off = parse_video_request({"prompt": "hi", "cache": None}, None, settings, form=False)
+    assert off.params.cache is None and params_from_job(off.to_job_request()).cache is None
+    for bad, status in (
+        ({"kind": "first_block", "threshold": 1.5}, 422),
+        ({"kind": "first_block", "threshold": -0.1}, 422),
+        ({"kind": "teacache"}, 422),
+        ({"kind": "first_block", "threshold": True}, 400),
+        ({"threshold": 0.1, "extra": 1}, 400),
+        ([0.1], 400),
+        ("{not json", 400),
+    ):
+        with pytest.raises(APIError) as err:
+            parse_video_request({"prompt": "hi", "cache": bad}, None, settings, form=False)
+        assert err.value.status == status and err.value.param == "cache", bad
