@@ -328,3 +328,15 @@ def test_http_cache_field_is_validated_and_survives_the_job_round_trip() -> None
         with pytest.raises(APIError) as err:
             parse_video_request({"prompt": "hi", "cache": bad}, None, settings, form=False)
         assert err.value.status == status and err.value.param == "cache", bad
+
+
+@pytest.mark.slow
+def test_the_step_cache_benchmark_runs_its_smoke_size(tmp_path: Path) -> None:
+    from benchmarks.step_cache import main
+
+    report = main(["--identities", "2", "--steps", "4", "--reps", "1", "--thresholds", "0,1", "--out-dir",
+                   str(tmp_path)])
+    rows = {r["threshold"]: r for r in report["results"]["rows"]}
+    assert rows[0.0]["skipped_calls"] == 0 and rows[0.0]["identical_videos"] == 2
+    assert rows[1.0]["skipped_calls"] > 0  # threshold 1: most calls after the first skip
+    assert (tmp_path / "step_cache_tiny_cpu.png").stat().st_size > 0
