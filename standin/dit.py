@@ -145,7 +145,10 @@ class _Projections(nn.Module):
 
     def project(self, which: str, x: torch.Tensor, adapters: LinearAdapters | None) -> torch.Tensor:
         """x [B, S, C] through projection `which` (q, k, v or o) and the request's adapters."""
-        return _linear(getattr(self, which), f"{self.prefix}.{which}", x, adapters)
+        # The name is read only with adapters: a compiled block then never guards on its prefix,
+        # so every block shares one graph (standin.forward_plan.compiled_blocks).
+        name = f"{self.prefix}.{which}" if adapters is not None else which
+        return _linear(getattr(self, which), name, x, adapters)
 
 
 class SelfAttention(_Projections):
@@ -212,8 +215,9 @@ class DiTBlock(nn.Module):
     def _ffn(
         self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, adapters: LinearAdapters | None
     ) -> torch.Tensor:
-        h = _linear(self.ffn[0], f"{self.prefix}.ffn.0", self.norm2(x) * (1 + scale) + shift, adapters)
-        return _linear(self.ffn[2], f"{self.prefix}.ffn.2", self.ffn[1](h), adapters)
+        prefix = self.prefix if adapters is not None else "block"  # see _Projections.project
+        h = _linear(self.ffn[0], f"{prefix}.ffn.0", self.norm2(x) * (1 + scale) + shift, adapters)
+        return _linear(self.ffn[2], f"{prefix}.ffn.2", self.ffn[1](h), adapters)
 
     def forward(
         self,
