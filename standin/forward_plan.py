@@ -133,10 +133,11 @@ def compiled_blocks(dynamic: bool = True) -> Callable[..., Any]:
     The block's method (`DiTBlock.forward`, `DiTBlock.identity_forward`) is compiled once, as a
     function of (block, inputs): with torch's inlined nn modules every block of the model reuses
     that one graph (the weights are inputs, not constants), and `dynamic=True` keeps it across
-    token counts (video sizes, SP shards). What runs between blocks — the `after_block` hook,
-    step caching's decision, the sequence-parallel gates outside attention — stays eager. The
-    first call compiles (≈ 30 s for the test model on one CPU thread); the compiled functions live
-    in the returned closure, never on the model.
+    token counts (video sizes). What runs between blocks — the `after_block` hook, step caching's
+    decision — stays eager. Tested on one process only: under sequence parallelism the attention's
+    collectives sit inside the block (expect graph breaks there; not measured yet). The first call
+    compiles (≈ 20–30 s for the test model on one CPU thread); the compiled functions live in the
+    returned closure, never on the model.
     """
     compiled: dict[Any, Callable[..., Any]] = {}
 
