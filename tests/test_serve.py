@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from standin.video import decode_mp4, read_mp4_info
+from tests.serving import wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +64,7 @@ def store(state: Path):
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve: str, state: Path) -> str:
+def server(ray_serve: str, state: Path) -> Iterator[str]:
     """Deploys the main app (SP=2) and the API-key app (2 DiT replicas); → base URL."""
     from ray import serve
 
@@ -101,7 +103,10 @@ def server(ray_serve: str, state: Path) -> str:
             deployments=[{"name": "DiTReplica", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}}],
         )
     serve.run(keyed, name="keyed", route_prefix="/keyed")
-    return ray_serve
+    yield ray_serve
+    # the session's cluster is shared by every Serve test module: free it for the next
+    serve.delete("keyed")
+    serve.delete("standin")
 
 
 @pytest.fixture
@@ -119,14 +124,6 @@ def _submit(client: httpx.Client, face: str | None = "astronaut.jpg", **fields: 
     return r.json()
 
 
-def _wait(client: httpx.Client, video_id: str, timeout: float = 120.0, prefix: str = "") -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = client.get(f"{prefix}/v1/videos/{video_id}").json()
-        if v["status"] in ("completed", "failed", "cancelled"):
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"{video_id} did not finish in {timeout}s: {v}")
 
 
 def _frames(client: httpx.Client, video_id: str) -> np.ndarray:
@@ -175,7 +172,7 @@ def test_round_trip_multipart_upload_to_mp4(client: httpx.Client):
     assert video["id"].startswith("video_") and len(video["id"]) == 38
     assert video["size"] == "32x32" and video["model"] == "tiny" and video["has_reference"]
 
-    done = _wait(client, video["id"])
+    done = wait_done(client, video["id"])
     assert done["status"] == "completed", done
     assert done["progress"] == 100 and done["expires_at"] > done["completed_at"]
     content = client.get(f"/v1/videos/{video['id']}/content")
@@ -196,7 +193,7 @@ def test_round_trip_multipart_upload_to_mp4(client: httpx.Client):
 def test_json_text_to_video_and_listing_pagination(client: httpx.Client):
     ids = [_submit(client, face=None, seed=i)["id"] for i in range(3)]
     for i in ids:
-        assert _wait(client, i)["status"] == "completed"
+        assert wait_done(client, i)["status"] == "completed"
     page = client.get("/v1/videos", params={"limit": 2}).json()
     assert page["object"] == "list" and len(page["data"]) == 2 and page["has_more"]
     assert [v["id"] for v in page["data"]] == ids[::-1][:2]  # newest first
@@ -234,14 +231,14 @@ def test_concurrent_requests_with_different_faces_match_running_alone(client: ht
     Compared by the fingerprint of the decoded frames (H.264 bytes may vary with encoder threads)."""
 
     def run_alone(face: str | None) -> str:
-        return _wait(client, _submit(client, face)["id"])["frames_sha256"]
+        return wait_done(client, _submit(client, face)["id"])["frames_sha256"]
 
     alone = {face: run_alone(face) for face in ("astronaut.jpg", "coffee.jpg", None)}
     assert len(set(alone.values())) == 3, "different faces (or none) must give different videos"
 
     together = {face: _submit(client, face)["id"] for face in ("astronaut.jpg", "coffee.jpg", None)}
     for face, video_id in together.items():
-        done = _wait(client, video_id)
+        done = wait_done(client, video_id)
         assert done["status"] == "completed"
         assert done["frames_sha256"] == alone[face], f"{face} differs when run beside the others"
     # A request without a face right after face requests sees no face.
@@ -376,7 +373,7 @@ def test_api_keys_gate_and_isolate_jobs(server: str):
     bob = httpx.Client(base_url=f"{server}/keyed", timeout=60, headers={"Authorization": "Bearer key-bob"})
     with alice, bob:
         video = alice.post("/v1/videos", json={"prompt": "x", **SMALL}).json()
-        assert _wait(alice, video["id"], prefix="")["status"] == "completed"
+        assert wait_done(alice, video["id"], prefix="")["status"] == "completed"
         assert alice.get(f"/v1/videos/{video['id']}/content").status_code == 200
         # Bob cannot see, fetch or delete Alice's job: it does not exist for him.
         _error(bob.get(f"/v1/videos/{video['id']}"), 404)
@@ -403,7 +400,7 @@ def test_delete_cancels_a_running_job_and_frees_the_dit(client: httpx.Client):
     _error(client.get(f"/v1/videos/{video['id']}"), 404)
     # The steps stop: the DiT reports the cancellation and serves the next job at once.
     started = time.monotonic()
-    assert _wait(client, _submit(client)["id"], timeout=30)["status"] == "completed"
+    assert wait_done(client, _submit(client)["id"], timeout=30)["status"] == "completed"
     assert time.monotonic() - started < 15
     after = _dit_stats()
     assert after["cancelled"] + after["abandoned"] == before + 1
@@ -420,7 +417,7 @@ def test_queue_full_gets_429_with_retry_after(client: httpx.Client):
     finally:
         for video_id in accepted:
             client.delete(f"/v1/videos/{video_id}")
-    assert _wait(client, _submit(client)["id"], timeout=60)["status"] == "completed"
+    assert wait_done(client, _submit(client)["id"], timeout=60)["status"] == "completed"
 
 
 def _metric_total(text: str, name: str, **labels: str) -> float:
@@ -435,7 +432,7 @@ def _metric_total(text: str, name: str, **labels: str) -> float:
 def test_job_metrics_reach_rays_prometheus_endpoint(client: httpx.Client):
     import ray
 
-    assert _wait(client, _submit(client)["id"])["status"] == "completed"
+    assert wait_done(client, _submit(client)["id"])["status"] == "completed"
     running = _submit(client, **LONG)
     _wait_progress(client, running["id"], above=5)
     client.delete(f"/v1/videos/{running['id']}")
@@ -469,12 +466,12 @@ def test_killed_dit_worker_mid_job_is_retried_and_the_replica_is_replaced(client
     _wait_progress(client, video["id"], above=10)
     ray.kill(ray.get_actor(old["worker_names"][0], namespace="serve"), no_restart=True)
 
-    done = _wait(client, video["id"], timeout=180)
+    done = wait_done(client, video["id"], timeout=180)
     # Either outcome is explicit; with 3 attempts and a fresh group it completes.
     assert done["status"] == "completed", done
     new = _dit_stats()
     assert new["healthy"] and new["worker_names"] != old["worker_names"]
-    assert _wait(client, _submit(client)["id"])["status"] == "completed"
+    assert wait_done(client, _submit(client)["id"])["status"] == "completed"
 
 
 def _kill_replica(app_deployment: str) -> str:
@@ -498,14 +495,16 @@ def _wait_through_restarts(client: httpx.Client, video_id: str, timeout: float =
     raise AssertionError(f"{video_id} did not finish")
 
 
-def _kill_mid_job(client: httpx.Client, store, deployment: str, **fields: Any) -> tuple[dict[str, Any], Any]:
+def _kill_mid_job(
+    client: httpx.Client, store, deployment: str, timeout: float = 180, **fields: Any
+) -> tuple[dict[str, Any], Any]:
     """Submit, kill `deployment`'s replica once the DiT is working on it, wait until the job ends
     (completed, or the test fails) → (its final video object, the lease of the first run)."""
     video = _submit(client, **fields)
     _wait_progress(client, video["id"], above=2)
     first = store.get(video["id"]).lease
     _kill_replica(deployment)
-    done = _wait_through_restarts(client, video["id"])
+    done = _wait_through_restarts(client, video["id"], timeout)
     assert done["status"] == "completed", done
     return done, first
 
@@ -519,14 +518,16 @@ def test_killing_the_ingress_mid_job_does_not_restart_the_generation(client: htt
     assert read_mp4_info(client.get(f"/v1/videos/{video['id']}/content").content).num_frames == 17
 
 
+@pytest.mark.timeout(600)
 def test_a_killed_runner_job_is_claimed_again_and_the_dit_drops_the_stale_run(client: httpx.Client, store):
     """Two runs of one job, for real: the runner dies mid-generation; after its lease expires the
     replacement claims the job as attempt 2. The DiT stops the first run's steps (its lease moved
     on) and the job completes once, published under attempt 2's key."""
     stats = _dit_stats()
     stopped_before = stats["abandoned"] + stats["cancelled"]
-    # Long enough (~25 s here) that the replacement runner claims it while the DiT still works.
-    video, first = _kill_mid_job(client, store, "standin#JobRunner", **{**LONG, "size": "256x256"})
+    # Long enough that the replacement runner claims it while the DiT still works, on an idle
+    # machine too (the lease expires after 4 s; this DiT stage takes ~25 s even unloaded).
+    video, first = _kill_mid_job(client, store, "standin#JobRunner", 360, **{**LONG, "size": "384x384"})
     job = store.get(video["id"])
     assert job.attempts == 2 and job.lease_owner is None and first.attempt == 1
     assert job.result_key == f"{video['id']}.a2.mp4"
@@ -551,7 +552,7 @@ def test_status_is_queued_with_a_position_until_the_dit_starts_the_job(client: h
     finally:
         client.delete(f"/v1/videos/{running['id']}")
     for w in waiting:
-        done = _wait(client, w["id"])
+        done = wait_done(client, w["id"])
         assert done["status"] == "completed" and done["started_at"] is not None
 
 
@@ -566,7 +567,7 @@ def test_an_error_after_the_202_is_a_permanent_failure_with_a_clean_message(
     (state / "main" / "results" / f"{video['id']}.reference").unlink()
     client.delete(f"/v1/videos/{blocker['id']}")
 
-    done = _wait(client, video["id"])
+    done = wait_done(client, video["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "input_lost", done
     message = done["error"]["message"]
     for leak in ("Traceback", "/", "pid", "ip=", "actor", "127.0.0.1", ".py"):
@@ -617,12 +618,12 @@ def test_two_dit_replicas_at_once_give_each_face_its_sequential_video(server: st
             assert r.status_code == 202, r.text
             return r.json()["id"]
 
-        alone = {face: _wait(c, submit(face))["frames_sha256"] for face in faces}
+        alone = {face: wait_done(c, submit(face))["frames_sha256"] for face in faces}
         assert len(set(alone.values())) == 2
         for _ in range(2):
             together = {face: submit(face) for face in faces}
             for face, video_id in together.items():
-                done = _wait(c, video_id)
+                done = wait_done(c, video_id)
                 assert done["status"] == "completed" and done["frames_sha256"] == alone[face], face
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from PIL import Image
 from standin.training.synthetic import render_clip, render_reference
 from standin.training.tiny_recipe import tiny_identities
 from standin.video import encode_mp4, read_mp4_info
+from tests.serving import wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def state(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve: str, state: Path) -> str:
+def server(ray_serve: str, state: Path) -> Iterator[str]:
     from ray import serve
 
     from serve_app.app import build_app
@@ -82,7 +83,8 @@ def server(ray_serve: str, state: Path) -> str:
         }
     )
     serve.run(app, name="faceswap", route_prefix=PREFIX)
-    return ray_serve
+    yield ray_serve
+    serve.delete("faceswap")  # the session's cluster is shared by every Serve test module
 
 
 @pytest.fixture
@@ -91,15 +93,6 @@ def client(server: str):
         yield c
 
 
-def _wait(client: httpx.Client, video_id: str, timeout: float = 180.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    v: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        v = client.get(f"/v1/videos/{video_id}").json()
-        if v["status"] in ("completed", "failed", "cancelled"):
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"{video_id} did not finish in {timeout}s: {v}")
 
 
 def _data_url(data: bytes, mime: str, key: str) -> dict[str, str]:
@@ -121,7 +114,7 @@ def test_multipart_face_swap_round_trip_keeps_the_videos_size_frames_and_fps(cli
     v = r.json()
     assert (v["mode"], v["size"], v["num_frames"], v["fps"]) == ("face_swap", "32x32", 9, 12.0)
     assert (v["denoising_strength"], v["background_consistency"], v["has_mask"]) == (0.7, True, True)
-    done = _wait(client, v["id"])
+    done = wait_done(client, v["id"])
     assert done["status"] == "completed", done
     content = client.get(f"/v1/videos/{v['id']}/content")
     assert content.status_code == 200
@@ -142,7 +135,7 @@ def test_json_face_swap_with_data_urls_and_the_detected_mask(client, uploads):
     assert r.status_code == 202, r.text
     v = r.json()
     assert (v["mode"], v["denoising_strength"], v["background_consistency"]) == ("face_swap", 0.85, False)
-    assert _wait(client, v["id"])["status"] == "completed"
+    assert wait_done(client, v["id"])["status"] == "completed"
     plain = client.post("/v1/videos", json={"prompt": "moves right on navy", "num_inference_steps": 1})
     assert plain.json()["mode"] == "text_to_video"
 
@@ -197,7 +190,7 @@ def test_a_video_that_fails_only_when_decoded_fails_the_job_cleanly(client, uplo
     }
     r = client.post("/v1/videos", data=BASE, files=files)
     assert r.status_code == 202, r.text  # the header is fine: known only when decoded
-    done = _wait(client, r.json()["id"])
+    done = wait_done(client, r.json()["id"])
     assert done["status"] == "failed"
     assert done["error"]["code"] == "invalid_video"
     message = done["error"]["message"]
@@ -222,7 +215,7 @@ def test_uploads_are_deleted_when_the_job_ends(client, uploads, state: Path):
     r = client.post("/v1/videos", data={**BASE, "num_inference_steps": "1"}, files=files)
     assert r.status_code == 202
     video_id = r.json()["id"]
-    assert _wait(client, video_id)["status"] == "completed"
+    assert wait_done(client, video_id)["status"] == "completed"
     left = sorted(p.name for p in (state / "results").glob(f"{video_id}.*"))
     assert left == [f"{video_id}.a1.mp4"], left
 

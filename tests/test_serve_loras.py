@@ -16,12 +16,15 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
+
+from tests.serving import wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +67,7 @@ def lora_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve: str, lora_dir: Path, tmp_path_factory) -> str:
+def server(ray_serve: str, lora_dir: Path, tmp_path_factory) -> Iterator[str]:
     from ray import serve
 
     from serve_app.app import build_app
@@ -84,7 +87,8 @@ def server(ray_serve: str, lora_dir: Path, tmp_path_factory) -> str:
         deployments=[{"name": "DiTReplica", "num_replicas": 2}],
     )
     serve.run(app, name="loras", route_prefix=PREFIX)
-    return ray_serve
+    yield ray_serve
+    serve.delete("loras")  # the session's cluster is shared by every Serve test module
 
 
 @pytest.fixture
@@ -93,22 +97,13 @@ def client(server: str):
         yield c
 
 
-def _wait(client: httpx.Client, video_id: str, timeout: float = 180.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    v: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        v = client.get(f"/v1/videos/{video_id}").json()
-        if v["status"] in ("completed", "failed", "cancelled"):
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"{video_id} did not finish in {timeout}s: {v}")
 
 
 def _run(client: httpx.Client, loras: list[dict[str, Any]] | None, **fields: Any) -> dict[str, Any]:
     body = {**BASE, **fields, **({"loras": loras} if loras is not None else {})}
     r = client.post("/v1/videos", json=body)
     assert r.status_code == 202, r.text
-    done = _wait(client, r.json()["id"])
+    done = wait_done(client, r.json()["id"])
     assert done["status"] == "completed", done
     return done
 
@@ -180,7 +175,7 @@ def test_a_styled_video_equals_the_pipelines_with_the_same_style(client, pipelin
         },
     )
     assert r.status_code == 202, r.text
-    stacked = _wait(client, r.json()["id"])
+    stacked = wait_done(client, r.json()["id"])
     assert stacked["status"] == "completed", stacked
     assert stacked["frames_sha256"] == pipeline_frames([("palette", 1.0), ("swirl", 0.5)])
 

@@ -177,7 +177,7 @@ def test_errors_kept_for_clients_carry_no_traceback_or_internals():
     from serve_app.runner import classify_preprocessing_error, public_message
     from standin.errors import InvalidImageError
 
-    @ray.remote
+    @ray.remote(num_cpus=0)  # schedulable even when the shared cluster's CPUs are all taken
     def refuse() -> None:
         raise InvalidImageError("no face found in the reference image")
 

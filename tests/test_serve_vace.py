@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -22,6 +21,7 @@ from PIL import Image
 from standin.training.synthetic import render_clip, render_reference
 from standin.training.tiny_recipe import tiny_identities
 from standin.video import encode_mp4, read_mp4_info
+from tests.serving import wait_done
 
 PREFIX = "/vace"
 MAX_VIDEO_BYTES = 200_000
@@ -56,7 +56,7 @@ def state(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_serve: str, state: Path) -> str:
+def server(ray_serve: str, state: Path) -> Iterator[str]:
     from ray import serve
 
     from serve_app.app import build_app
@@ -73,7 +73,8 @@ def server(ray_serve: str, state: Path) -> str:
         }
     )
     serve.run(app, name="vace", route_prefix=PREFIX)
-    return ray_serve
+    yield ray_serve
+    serve.delete("vace")  # the session's cluster is shared by every Serve test module
 
 
 @pytest.fixture
@@ -82,15 +83,6 @@ def client(server: str):
         yield c
 
 
-def _wait(client: httpx.Client, video_id: str, timeout: float = 240.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    v: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        v = client.get(f"/v1/videos/{video_id}").json()
-        if v["status"] in ("completed", "failed", "cancelled"):
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"{video_id} did not finish in {timeout}s: {v}")
 
 
 def _data_url(data: bytes, mime: str) -> str:
@@ -110,7 +102,7 @@ def test_multipart_control_round_trip_takes_the_controls_size_and_frames(client,
     assert r.status_code == 202, r.text
     v = r.json()
     assert (v["mode"], v["size"], v["num_frames"]) == ("vace_control", "32x32", 9)
-    done = _wait(client, v["id"])
+    done = wait_done(client, v["id"], 240.0)
     assert done["status"] == "completed", done
     info = read_mp4_info(client.get(f"/v1/videos/{v['id']}/content").content)
     assert (info.width, info.height, info.num_frames) == (32, 32, 9)
@@ -128,7 +120,7 @@ def test_json_control_with_a_first_frame_drops_the_reference_frame(client, uploa
     }
     r = client.post("/v1/videos", json=body)
     assert r.status_code == 202, r.text
-    done = _wait(client, r.json()["id"])
+    done = wait_done(client, r.json()["id"], 240.0)
     assert done["status"] == "completed", done
     info = read_mp4_info(client.get(f"/v1/videos/{done['id']}/content").content)
     assert (info.width, info.height, info.num_frames) == (32, 32, 9)
