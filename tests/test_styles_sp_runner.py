@@ -8,16 +8,12 @@ with a hard deadline."""
 from __future__ import annotations
 
 import datetime
-import json
-import multiprocessing
-import os
-import socket
-import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed import run_ranks
 
 TOLERANCE = 1e-5
 DEADLINE_S = 150
@@ -42,121 +38,85 @@ def _random_style(model, seed: int):
     return StyleLoRA("random", "synthetic", layers, sha256="f" * 64)
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def _rank_main(rank: int, world: int, init_method: str) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    from parallel import (
+        Collectives,
+        DenoiseRequest,
+        DeviceMesh,
+        ParallelConfig,
+        SPRunner,
+        init_distributed,
+    )
+    from parallel.styles import StyleRef
+    from standin.errors import InvalidRequestError
+    from standin.pipeline import DenoiseInputs, GenerationParams, StandInPipeline, initial_noise
+    from standin.styles import StyleLoRA, StyleSet
+
+    init_distributed(rank, world, init_method, timeout=datetime.timedelta(seconds=60))
+    pipe = StandInPipeline.from_preset("tiny", device="cpu", dtype=torch.float32)
+    model = pipe.dit
+    palette = StyleLoRA.load(REPO / "examples" / "tiny_palette_style.safetensors", model, name="palette")
+    library = {"palette": palette, "random": _random_style(model, seed=0)}
+    resolved: list[list[str]] = []
+
+    def resolver(refs):  # this rank's own "cache": names → loaded styles
+        resolved.append([r.name for r in refs])
+        return StyleSet([(library[r.name], r.scale) for r in refs])
+
+    refs = (StyleRef("palette", 1.0, palette.sha256), StyleRef("random", 0.5, "f" * 64))
+    styles = StyleSet([(palette, 1.0), (library["random"], 0.5)])
+    params = GenerationParams(
+        prompt="moves right on navy", width=32, height=32, num_frames=5, num_steps=3, seed=5
+    )
+    image = np.asarray(Image.open(REPO / "examples" / "glyph_reference.png").convert("RGB"))
+    ctx, neg = pipe.encode_prompts(params.prompt, params.negative_prompt)
+    identity = pipe.encode_identity(image)
+    single = pipe.denoise(DenoiseInputs.for_request(params, ctx, neg, identity, adapters=styles))
+    plain = pipe.denoise(DenoiseInputs.for_request(params, ctx, neg, identity))
+
+    def request(styles_refs):
+        return DenoiseRequest(
+            latents=initial_noise(params),
+            context=ctx,
+            negative_context=neg,
+            identity_latents=identity,
+            num_steps=params.num_steps,
+            guidance=params.guidance_scale,
+            shift=params.shift,
+            styles=styles_refs,
+        )
+
     result: dict = {}
-    try:
-        import numpy as np
-        from PIL import Image
-
-        from parallel import (
-            Collectives,
-            DenoiseRequest,
-            DeviceMesh,
-            ParallelConfig,
-            SPRunner,
-            init_distributed,
-        )
-        from parallel.styles import StyleRef
-        from standin.errors import InvalidRequestError
-        from standin.pipeline import DenoiseInputs, GenerationParams, StandInPipeline, initial_noise
-        from standin.styles import StyleLoRA, StyleSet
-
-        init_distributed(rank, world, f"tcp://127.0.0.1:{port}", timeout=datetime.timedelta(seconds=60))
-        pipe = StandInPipeline.from_preset("tiny", device="cpu", dtype=torch.float32)
-        model = pipe.dit
-        palette = StyleLoRA.load(REPO / "examples" / "tiny_palette_style.safetensors", model, name="palette")
-        library = {"palette": palette, "random": _random_style(model, seed=0)}
-        resolved: list[list[str]] = []
-
-        def resolver(refs):  # this rank's own "cache": names → loaded styles
-            resolved.append([r.name for r in refs])
-            return StyleSet([(library[r.name], r.scale) for r in refs])
-
-        refs = (StyleRef("palette", 1.0, palette.sha256), StyleRef("random", 0.5, "f" * 64))
-        styles = StyleSet([(palette, 1.0), (library["random"], 0.5)])
-        params = GenerationParams(
-            prompt="moves right on navy", width=32, height=32, num_frames=5, num_steps=3, seed=5
-        )
-        image = np.asarray(Image.open(REPO / "examples" / "glyph_reference.png").convert("RGB"))
-        ctx, neg = pipe.encode_prompts(params.prompt, params.negative_prompt)
-        identity = pipe.encode_identity(image)
-        single = pipe.denoise(DenoiseInputs.for_request(params, ctx, neg, identity, adapters=styles))
-        plain = pipe.denoise(DenoiseInputs.for_request(params, ctx, neg, identity))
-
-        def request(styles_refs):
-            return DenoiseRequest(
-                latents=initial_noise(params),
-                context=ctx,
-                negative_context=neg,
-                identity_latents=identity,
-                num_steps=params.num_steps,
-                guidance=params.guidance_scale,
-                shift=params.shift,
-                styles=styles_refs,
-            )
-
-        for name, config in (("ulysses2", ParallelConfig(ulysses=2)), ("cfg2", ParallelConfig(cfg=2))):
-            mesh = DeviceMesh(config, model.config.num_heads)
-            runner = SPRunner(model, Collectives(mesh), styles=resolver)
-            res: dict = {}
-            if mesh.rank == 0:
-                out = runner.generate(request(refs))
-                res["err"] = _rel(out, single)
-                res["style_effect"] = _rel(single, plain)
-                bad = (StyleRef("palette", 1.0, "0" * 64),)
-                try:
-                    runner.generate(request(bad))
-                    res["bad_hash"] = "accepted"
-                except InvalidRequestError as exc:
-                    res["bad_hash"] = str(exc)
-                res["after_err"] = _rel(runner.generate(request(refs)), single)
-                runner.shutdown()
-            else:
-                runner.serve_forever()
-            res["resolved"] = list(resolved)
-            resolved.clear()
-            result[name] = res
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for name, config in (("ulysses2", ParallelConfig(ulysses=2)), ("cfg2", ParallelConfig(cfg=2))):
+        mesh = DeviceMesh(config, model.config.num_heads)
+        runner = SPRunner(model, Collectives(mesh), styles=resolver)
+        res: dict = {}
+        if mesh.rank == 0:
+            out = runner.generate(request(refs))
+            res["err"] = _rel(out, single)
+            res["style_effect"] = _rel(single, plain)
+            bad = (StyleRef("palette", 1.0, "0" * 64),)
+            try:
+                runner.generate(request(bad))
+                res["bad_hash"] = "accepted"
+            except InvalidRequestError as exc:
+                res["bad_hash"] = str(exc)
+            res["after_err"] = _rel(runner.generate(request(refs)), single)
+            runner.shutdown()
+        else:
+            runner.serve_forever()
+        res["resolved"] = list(resolved)
+        resolved.clear()
+        result[name] = res
+    return result
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("styles_sp_runner")
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if hung:
-        pytest.fail(f"ranks {hung} still running after {DEADLINE_S} s (hang)")
-    results = []
-    for r in range(2):
-        path = out / f"rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"rank {r} exited without results (exit code {procs[r].exitcode})")
-        results.append(json.loads(path.read_text()))
-    crashes = [res["crash"] for res in results if "crash" in res]
-    if crashes:
-        pytest.fail("a rank crashed:\n" + "\n".join(crashes))
-    return results
+    return run_ranks(_rank_main, 2, tmp_path_factory.mktemp("styles_sp_runner"), DEADLINE_S)
 
 
 @pytest.mark.distributed
