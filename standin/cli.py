@@ -1,7 +1,8 @@
 """The model-side commands: generate a video from a face photo and a prompt on this machine
 (`generate`), train (`train`), and convert a checkpoint to bf16 once (`convert`). Importable and
 runnable without Ray or an HTTP client (`python -m standin.cli`); the installed `standin`
-console script (serve_app/cli.py) adds `serve` and `generate --server` on top of this parser."""
+console script (the serving package's cli.py) adds `serve` and `generate --server` on top of
+this parser."""
 
 from __future__ import annotations
 
