@@ -122,6 +122,20 @@ class DecodedVideo:
         return self.num_frames / self.fps
 
 
+def _open_upload(data: bytes, limits: VideoLimits) -> tuple[str, av.container.InputContainer]:
+    """Check an upload's type and size, recognise its container, open it (allow-listed, no nested
+    opens) → (container family, the open container)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidVideoError(f"video must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) == 0:
+        raise InvalidVideoError("the video is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidVideoError(f"the video is {len(data)} bytes, more than the limit of {limits.max_bytes}")
+    family = sniff_container(data)
+    return family, _open(data, family, limits)
+
+
 def decode_video(data: bytes, limits: VideoLimits | None = None) -> DecodedVideo:
     """Decode an uploaded video's first video stream (cover pictures skipped) into RGB frames.
 
@@ -136,15 +150,7 @@ def decode_video(data: bytes, limits: VideoLimits | None = None) -> DecodedVideo
         InvalidVideoError: the bytes are not an accepted, complete video within the limits.
     """
     limits = limits or VideoLimits()
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidVideoError(f"video must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) == 0:
-        raise InvalidVideoError("the video is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise InvalidVideoError(f"the video is {len(data)} bytes, more than the limit of {limits.max_bytes}")
-    family = sniff_container(data)
-    container = _open(data, family, limits)
+    family, container = _open_upload(data, limits)
     try:
         stream = _first_video_stream(container)
         codec = _check_header(container, stream, limits)
@@ -205,15 +211,7 @@ def probe_video(data: bytes, limits: VideoLimits | None = None) -> VideoHeader:
         InvalidVideoError: the bytes are not an accepted video within the limits.
     """
     limits = limits or VideoLimits()
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidVideoError(f"video must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) == 0:
-        raise InvalidVideoError("the video is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise InvalidVideoError(f"the video is {len(data)} bytes, more than the limit of {limits.max_bytes}")
-    family = sniff_container(data)
-    container = _open(data, family, limits)
+    family, container = _open_upload(data, limits)
     try:
         stream = _first_video_stream(container)
         codec = _check_header(container, stream, limits)
