@@ -28,7 +28,6 @@ from standin.image_io import decode_image
 from standin.pipeline import GenerationParams
 from standin.vace_conditioning import control_from_bytes, control_noise, encode_control
 from standin.vae import WanVAE
-from standin.video_input import VideoHeader
 
 __all__ = [
     "CONTROL_FIELDS",
@@ -45,26 +44,11 @@ CONTROL_FIELDS = ("control_video", "control_mask", "first_frame")
 
 
 @dataclass(frozen=True)
-class ControlUpload:
-    """A VACE request's uploads, checked at submission (video header known, image decodable)."""
+class ControlUpload(VideoUpload):
+    """A VACE request's uploads, checked at submission (video header known, image decodable):
+    the control video and its mask (sized as a face swap's video), and the first-frame image."""
 
-    video: bytes
-    header: VideoHeader
-    mask: bytes | None = None
     first_frame: bytes | None = None
-
-    @property
-    def width(self) -> int:
-        return (self.header.width // 16) * 16
-
-    @property
-    def height(self) -> int:
-        return (self.header.height // 16) * 16
-
-    @property
-    def num_frames(self) -> int:
-        """The frames generated: the largest 4k + 1 the header allows (as a face swap's video)."""
-        return VideoUpload(self.video, self.header).num_frames
 
 
 def control_upload(
