@@ -32,6 +32,9 @@ class SequenceParallelAttention:
         # Real keys in each ring block: padding sits only at the end of the global sequence.
         self.valid_keys = [min(max(num_tokens - j * block, 0), block) for j in range(mesh.config.ring)]
 
+    # Kept out of compiled blocks (compiled_blocks): its collectives and their agreement gates
+    # run eagerly, in the same order on every rank, and the compiled graph never traces them.
+    @torch.compiler.disable
     def __call__(
         self,
         q: torch.Tensor,

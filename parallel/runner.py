@@ -117,16 +117,19 @@ class SPRunner:
         experts: ExpertSet | None = None,
         vace: VaceBranch | None = None,
         styles: StyleResolver | None = None,
+        run_block: Callable[..., Any] | None = None,
     ) -> None:
         """`experts`: a two-expert model's DiTs (standin/experts.py; `model` is then the
         high-noise one, or the offload slot); every rank must be given the same set.
-        `vace`: the VACE branch of a Wan2.1-VACE model (the same weights on every rank)."""
+        `vace`: the VACE branch of a Wan2.1-VACE model (the same weights on every rank).
+        `run_block`: how every expert's blocks run (e.g. `compiled_blocks()`; None: eager)."""
+        self.run_block = run_block
         self.vace = vace
         self.styles = styles  # this rank's style LoRA resolver (its own loaded-LoRA cache)
         self.model = model
         self.comm = comm
         self.mesh = comm.mesh
-        self.dit = ShardedDiT(model, comm)
+        self.dit = ShardedDiT(model, comm, run_block=run_block)
         self.experts = experts or ExpertSet.single(model)
         self.broken = False
         # Workers: how the last request ended (None: completed), for logs and health checks.
@@ -243,7 +246,7 @@ class SPRunner:
                 guidance=header["guidance"],
                 guidance_low=header.get("guidance_low"),
                 adapters=adapters,
-                wrap=lambda m: self.dit if m is self.model else ShardedDiT(m, self.comm),
+                wrap=lambda m: self.dit if m is self.model else ShardedDiT(m, self.comm, self.run_block),
             )
             run.step(0)  # the first expert's identity cache, built here
             keeper = None

@@ -7,8 +7,9 @@ Euler step needs no communication.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -94,7 +95,9 @@ class ShardedDiT:
     identity cache → head → all-gather. Every rank ends with the whole velocity.
     """
 
-    def __init__(self, model: WanDiT, comm: Collectives) -> None:
+    def __init__(
+        self, model: WanDiT, comm: Collectives, run_block: Callable[..., Any] | None = None
+    ) -> None:
         self.model = model
         self.comm = comm
         self.mesh: DeviceMesh = comm.mesh
@@ -102,7 +105,10 @@ class ShardedDiT:
             raise ValueError(
                 f"mesh was built for {self.mesh.num_heads} heads, the model has {model.config.num_heads}"
             )
-        self.plan = ForwardPlan(sharding=SequenceSharding(comm))
+        # run_block: how each block is called (`compiled_blocks()` compiles them; the attention's
+        # collectives stay eager either way). None: the plain eager call.
+        plan = ForwardPlan(sharding=SequenceSharding(comm))
+        self.plan = plan if run_block is None else replace(plan, run_block=run_block)
 
     @torch.no_grad()
     def identity_cache(
