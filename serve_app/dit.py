@@ -54,9 +54,11 @@ from serve_app.loras import MAX_STYLE_SETS_PER_REPLICA, ReplicaStyles, style_set
 from serve_app.models import device_of, load_dit, load_experts, load_vace
 from serve_app.settings import ServeSettings
 from serve_app.vace import control_request_fields, drop_reference_frame
+from serve_app.warmup import warm_up
 from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError
 from standin.experts import HIGH
+from standin.forward_plan import compiled_blocks
 from standin.pipeline import GenerationParams, initial_noise
 from standin.presets import get_preset
 
@@ -91,8 +93,16 @@ class RankState:
             model = load_dit(settings)
         config = ParallelConfig.for_world(world, model.config.num_heads, cfg=settings.cfg_degree)
         mesh = DeviceMesh(config, model.config.num_heads, device=self.device, timeout=timeout)
+        # per_step: no agreement before every collective, only at the end of each phase/step
+        comm = Collectives(mesh, gated=settings.agreement == "per_collective")
         # Wan2.1-VACE (and tiny): the control branch on every rank, beside the DiT
-        self.runner = SPRunner(model, Collectives(mesh), experts, load_vace(settings))
+        self.runner = SPRunner(
+            model,
+            comm,
+            experts,
+            load_vace(settings),
+            run_block=compiled_blocks() if settings.compile_blocks else None,
+        )
         # style LoRAs: this rank's own bounded cache of loaded files (serve_app/loras.py)
         self.runner.styles = ReplicaStyles.for_rank(settings, model, rank)
         log.info("rank %d/%d ready: %s on %s", rank, world, config, self.device)
@@ -141,6 +151,8 @@ class DiTReplica:
         if world > 1:
             ray.get(joins)
             self.loops = [w.serve_forever.remote() for w in self.workers]
+        if settings.warmup:  # compile, kernel choice, communicators: before the first job, not in it
+            warm_up(self.rank0.runner)
         self._lock = asyncio.Lock()
         self._style_sets: dict[str, tuple[StyleRef, ...]] = {}  # multiplexed model id → its LoRAs
 

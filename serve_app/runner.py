@@ -269,7 +269,7 @@ class JobRunner:
         if styles:
             options["multiplexed_model_id"] = style_set_id(styles)
         stream = self.dit.options(**options).denoise.remote(params, conditioning, fence, styles)
-        latents = None
+        latents = frames = None
         started = last_step = 0.0
         shown = -1
         try:
@@ -289,8 +289,9 @@ class JobRunner:
                     if pct != shown:
                         shown = pct
                         await self._write(job, lease, progress=pct)
-                elif kind == "result":
-                    latents = event["latents"]
+                elif kind == "result":  # latents, or uint8 frames when the DiT ranks decode
+                    latents = event.get("latents")
+                    frames = event.get("frames")
                 elif event["kind"] == "invalid":
                     raise JobFailedError("invalid_request", event["message"])
                 elif event["kind"] == "unavailable":
@@ -300,13 +301,16 @@ class JobRunner:
                 else:
                     raise RuntimeError(f"DiT {event['kind']}: {event['message']}")
         finally:
-            if latents is None:
+            if latents is None and frames is None:
                 stream.cancel()
-        if latents is None:
+        if latents is None and frames is None:
             raise RuntimeError("the DiT stream ended without a result")
 
         key = video_key(job.id, lease.attempt)  # this attempt's own key; published by finish
-        stored = await self.decoder.decode.remote(latents, fps, key)
+        if frames is not None:
+            stored = await self.decoder.store.remote(frames, fps, key)
+        else:
+            stored = await self.decoder.decode.remote(latents, fps, key)
         done = await self.store.finish(
             job.id,
             lease,

@@ -52,6 +52,17 @@ class ServeSettings(BaseModel):
     collective_timeout_s: float = Field(120.0, gt=0)
     worker_num_cpus: float = Field(0.4, ge=0)
     worker_num_gpus: float = Field(0.0, ge=0)
+    # speed levers of the DiT replica (README, "Performance"): the attention kernel ("auto": the
+    # fastest available, standin/attention.py), regional torch.compile of the DiT blocks, whether
+    # every collective is gated by an agreement (a failing rank is reported at the next
+    # collective) or only every phase/step (fewer host round trips; a rank dying mid-step then
+    # ends in the collective timeout), a warm-up request at replica start, and where the VAE
+    # decode runs: the Decoder deployment (one process) or every rank of the DiT replica
+    attention_backend: str = "auto"
+    compile_blocks: bool = False
+    agreement: Literal["per_collective", "per_step"] = "per_collective"
+    warmup: bool = True
+    decode_on: Literal["decoder", "dit"] = "decoder"
     # face preprocessing
     face_backend: Literal["offline", "insightface"] = "offline"
     face_model_dir: str | None = None
