@@ -10,8 +10,8 @@ Per case (model × size × SP degree, see benchmarks/gpu_plan.py) it reports:
   per GPU against the FLOP count of benchmarks/flops.py;
 - identity overhead: the same forwards without identity (plain Wan2.1), and the cache build;
 - peak memory per rank (allocated and reserved), every rank;
-- the attention kernels that ran: the video attention backend (standin.attention) and the ring
-  blocks' log-sum-exp kernels (parallel.lse_attention), counted while the case ran;
+- the attention kernels that ran: the video attention backend and the ring blocks' log-sum-exp
+  kernels (both standin.attention), counted while the case ran;
 - the SP layout (Ulysses × ring) and the process group communicators.
 Once per run: weight-load time (a bf16 checkpoint of a few 14B layers read from disk with the
 page cache dropped, extrapolated to the whole model, plus the NCCL broadcast of the whole 14B
@@ -143,8 +143,7 @@ def _inputs(case: Case, device: Any) -> dict[str, Any]:
 def _run_case(dit: Any, case: Case, device: Any, reps: int, warmup: int) -> dict[str, Any]:
     import torch
 
-    from parallel import lse_attention
-    from standin.attention import select_backend
+    from standin.attention import BACKEND_CALLS, select_backend
 
     x = _inputs(case, device)
     cuda = device.type == "cuda"
@@ -161,7 +160,7 @@ def _run_case(dit: Any, case: Case, device: Any, reps: int, warmup: int) -> dict
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    lse_attention.BACKEND_CALLS.clear()
+    BACKEND_CALLS.clear()
     build_s, cache = timed(lambda: dit.identity_cache(x["identity"], x["latents"].shape))
     for _ in range(warmup):
         timed(lambda: dit(x["latents"], x["t"], x["context"], cache))
@@ -193,7 +192,7 @@ def _run_case(dit: Any, case: Case, device: Any, reps: int, warmup: int) -> dict
         "achieved_tflops_per_gpu": flops / step / 1e12 / case.sp,
         "attention": {
             "video_attention_backend": select_backend(probe),
-            "ring_block_kernels": dict(lse_attention.BACKEND_CALLS),
+            "ring_block_kernels": {k: n for k, n in BACKEND_CALLS.items() if k.endswith("+lse")},
         },
         "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else 0.0,
         "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if cuda else 0.0,

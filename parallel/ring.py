@@ -5,10 +5,11 @@ In R steps every rank sees every K/V block; its partial softmax results are merg
 through their log-sum-exp. The identity K/V joins as one extra block that never leaves the rank.
 Padding (the tail of the last shards) is excluded by slicing each block to its valid keys.
 
-Each block runs a blockwise kernel that returns the log-sum-exp (`parallel.lse_attention`:
-flash-attn or PyTorch's flash kernels; exact chunked math elsewhere), so no block ever holds an
-S_q × S_k float32 score matrix. The K/V shift of the next block is posted (grouped send +
-receive, `Collectives.ring_shift`) before the current block is computed, overlapping the two.
+Each block runs the configured kernel that returns the log-sum-exp (`standin.attention`'s
+`attention_with_lse`: flash-attn, SageAttention or PyTorch's fused kernels; exact chunked math
+elsewhere), so no block ever holds an S_q × S_k float32 score matrix. The K/V shift of the next
+block is posted (grouped send + receive, `Collectives.ring_shift`) before the current block is
+computed, overlapping the two.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from parallel.collectives import Collectives, PendingShift
-from parallel.lse_attention import BlockResult, attention_with_lse, merge
+from standin.attention import BlockResult, attention_with_lse, merge
 
-__all__ = ["BlockResult", "attention_with_lse", "merge", "ring_attention"]
+__all__ = ["ring_attention"]
 
 
 def ring_attention(
@@ -40,7 +41,7 @@ def ring_attention(
     acc: BlockResult | None = None
     if identity_kv is not None:
         b = q.shape[0]
-        k_id, v_id = (t.to(q.dtype).expand(b, -1, -1, -1).contiguous() for t in identity_kv)
+        k_id, v_id = (t.to(q.dtype).expand(b, -1, -1, -1) for t in identity_kv)  # a view, no copy
         acc = attention_with_lse(q, k_id, v_id)
     kv = torch.stack([k, v])
     for step in range(size):

@@ -22,7 +22,6 @@ from typing import ClassVar
 import pytest
 import torch
 
-import parallel.lse_attention as lse_attention
 from parallel import (
     CollectiveError,
     Collectives,
@@ -37,7 +36,6 @@ from parallel import (
     init_distributed,
 )
 from parallel.failures import apply_nccl_environment, collective_timeout_s, nccl_environment
-from parallel.lse_attention import attention_with_lse, merge, select_lse_backend
 from parallel.weights import load_once_per_node
 from standin.checkpoints import load_wan_dit, save_safetensors_shards
 from standin.config import DiTConfig
@@ -96,79 +94,6 @@ def test_single_rank_mesh_runs_without_a_process_group():
     with torch.no_grad():
         ref = model(inputs["latents"], inputs["t"], inputs["context"], cache)
     assert _rel(dit(inputs["latents"], inputs["t"], inputs["context"], cache), ref) <= TOLERANCE
-
-
-def _full_attention_float64(q, k, v):
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * q.shape[-1] ** -0.5
-    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
-    return out, torch.logsumexp(scores, -1).transpose(1, 2)
-
-
-@pytest.mark.parametrize("backend", ["cpu_flash", "chunked"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_blockwise_attention_with_lse_equals_full_attention(backend, dtype, monkeypatch):
-    """Every CPU kernel, merged over uneven key blocks, equals one float64 softmax over all keys."""
-    monkeypatch.setattr(lse_attention, "CHUNK_ELEMENTS", 3 * 2 * 50)  # chunks of 1 query row
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, n, 3, 16, generator=g, dtype=dtype) for n in (37, 50, 50))
-    ref_out, ref_lse = _full_attention_float64(q, k, v)
-    acc = None
-    for start, stop in ((0, 7), (7, 31), (31, 50)):
-        acc = merge(acc, attention_with_lse(q, k[:, start:stop], v[:, start:stop], backend=backend))
-    out, lse = acc
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert _rel(out.double(), ref_out) <= tol
-    assert (lse.double() - ref_lse).abs().max() <= tol * 10
-
-
-def test_chunked_kernel_never_holds_more_scores_than_its_budget(monkeypatch):
-    budget = 4 * 64  # 64 keys × 2 heads × batch 2: one query row per chunk
-    monkeypatch.setattr(lse_attention, "CHUNK_ELEMENTS", budget)
-    biggest = []
-    real_einsum = torch.einsum
-
-    def spy(eq, *ops):
-        out = real_einsum(eq, *ops)
-        if eq.endswith("->bhqk"):
-            biggest.append(out.numel())
-        return out
-
-    monkeypatch.setattr(torch, "einsum", spy)
-    q = torch.randn(2, 40, 2, 8)
-    k = v = torch.randn(2, 64, 2, 8)
-    attention_with_lse(q, k, v, backend="chunked")
-    assert len(biggest) == 40 and max(biggest) <= budget
-
-
-def test_a_fused_kernel_that_refuses_an_input_falls_back_to_the_exact_chunked_one(monkeypatch):
-    real_run = lse_attention._run
-
-    def refusing(backend, q, k, v):
-        if backend == "cpu_flash":
-            raise RuntimeError("head dim not supported")
-        return real_run(backend, q, k, v)
-
-    monkeypatch.setattr(lse_attention, "_run", refusing)
-    monkeypatch.setattr(lse_attention, "_FAILED", set())
-    monkeypatch.setattr(lse_attention, "BACKEND_CALLS", lse_attention.Counter())
-    q, k, v = (torch.randn(1, n, 2, 8, dtype=torch.float64) for n in (5, 9, 9))
-    out, _ = attention_with_lse(q, k, v)
-    assert _rel(out, _full_attention_float64(q, k, v)[0]) <= 1e-12
-    attention_with_lse(q, k, v)
-    assert dict(lse_attention.BACKEND_CALLS) == {"chunked": 2}  # the refusing kernel is not retried
-    with pytest.raises(RuntimeError, match="head dim"):
-        attention_with_lse(q, k, v, backend="cpu_flash")  # a named backend is used as is
-
-
-def test_lse_backend_selection(monkeypatch):
-    assert select_lse_backend(torch.zeros(1, 1, 1, 8)) == "cpu_flash"
-    assert select_lse_backend(torch.zeros(1, 1, 1, 8, dtype=torch.float16)) == "chunked"
-    monkeypatch.setenv("STANDIN_RING_ATTENTION", "chunked")
-    assert select_lse_backend(torch.zeros(1, 1, 1, 8)) == "chunked"
-    monkeypatch.setenv("STANDIN_RING_ATTENTION", "naive")
-    with pytest.raises(ValueError, match="STANDIN_RING_ATTENTION"):
-        select_lse_backend(torch.zeros(1, 1, 1, 8))
 
 
 def test_collective_timeout_is_sized_from_the_step():
