@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +84,36 @@ WAN21_VAE = VAEConfig()
 TINY_VAE = VAEConfig(dim=8)
 
 
-class CausalCache:
-    """The frames each causal layer saw at the end of the previous chunks of one call."""
+class SpatialSplit(Protocol):
+    """How one band of a frame's rows reaches the other bands, for a decode cut into horizontal
+    bands of latent rows, one band per rank (implemented over torch.distributed in
+    parallel/vae_decode.py). Every band runs the same layers in the same order, so each call
+    below is matched by the same call on every other band.
+    """
 
-    def __init__(self) -> None:
+    def halo(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """x: [B, C, T, h, W] this band -> [B, C, T, rows + h + rows, W] with the neighbouring
+        bands' edge rows of the same frames around it (zeros above the frame's first row and
+        below its last, which is the conv's zero padding)."""
+        ...
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, C, h, W] this band of every image -> [N, C, H, W] the whole images (all
+        bands in row order)."""
+        ...
+
+
+class CausalCache:
+    """The frames each causal layer saw at the end of the previous chunks of one call.
+
+    `split`: set when this call decodes one band of rows (per call, like the cache itself);
+    the layers with spatial extent then take their edge rows from the neighbouring bands.
+    """
+
+    def __init__(self, split: SpatialSplit | None = None) -> None:
         self._tails: dict[nn.Module, torch.Tensor] = {}
         self._started: set[nn.Module] = set()
+        self.split = split
 
     def tail(self, layer: nn.Module) -> torch.Tensor | None:
         return self._tails.get(layer)
@@ -104,7 +130,11 @@ class CausalCache:
         return True
 
 
-def _per_frame(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _split_of(cache: CausalCache | None) -> SpatialSplit | None:
+    return None if cache is None else cache.split
+
+
+def _per_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Apply a 2D module to every frame of `x: [B, C, T, H, W]`."""
     b, _, t = x.shape[:3]
     y = fn(x.transpose(1, 2).flatten(0, 1))
@@ -133,13 +163,20 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """x: [B, C, T, H, W] -> [B, C_out, T', H', W']."""
         front = self.time_pad
+        space_pad = self.space_pad
+        split = _split_of(cache)
+        if split is not None and space_pad[2] > 0:
+            # Before the cache keeps its frames: the halo of a cached frame is the neighbours'
+            # rows of that same frame, so the tail is kept with its halo.
+            x = split.halo(x, space_pad[2])
+            space_pad = (*space_pad[:2], 0, 0)
         if cache is not None and self.time_pad > 0:
             tail = cache.tail(self)
             if tail is not None:
                 x = torch.cat([tail, x], dim=2)
                 front -= tail.shape[2]
             cache.keep(self, x[:, :, -self.time_pad :])
-        x = F.pad(x, (*self.space_pad, front, 0))
+        x = F.pad(x, (*space_pad, front, 0))
         return super().forward(x)
 
 
@@ -193,16 +230,22 @@ class AttentionBlock(nn.Module):
         # As in the official training init: the block starts as the identity.
         nn.init.zeros_(self.proj.weight)
 
-    def _frames(self, x: torch.Tensor) -> torch.Tensor:
+    def _frames(self, x: torch.Tensor, split: SpatialSplit | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
-        qkv = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)  # [N, H*W, 3C]
-        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [N, H*W, C]
+        qkv = self.to_qkv(self.norm(x))  # [N, 3C, h, W]
+        q = qkv[:, :c].flatten(2).transpose(1, 2)  # [N, h*W, C]
+        kv = qkv[:, c:]
+        if split is not None:
+            # A band's queries attend to the keys of the whole frame.
+            kv = split.gather_rows(kv.contiguous())
+        k, v = kv.flatten(2).transpose(1, 2).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None]).squeeze(1)  # [N, h*W, C]
         return self.proj(y.transpose(1, 2).reshape(n, c, h, w))
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """x: [B, C, T, H, W] -> same shape."""
-        return x + _per_frame(self._frames, x)
+        split = _split_of(cache)
+        return x + _per_frame(lambda frames: self._frames(frames, split), x)
 
 
 class Resample(nn.Module):
@@ -234,7 +277,13 @@ class Resample(nn.Module):
         """x: [B, C, T, H, W] -> [B, C', T', 2H, 2W] (up) or [B, C, T', H/2, W/2] (down)."""
         if self.mode == "upsample3d":
             x = self._double_time(x, cache)
-        x = _per_frame(self.resample, x)
+        split = _split_of(cache)
+        if split is None:
+            x = _per_frame(self.resample, x)
+        elif self.mode.startswith("upsample"):
+            x = _per_frame(self._upsample_band, split.halo(x, 1))
+        else:
+            raise ValueError("a spatial split runs the decoder only (no downsampling)")
         if self.mode == "downsample3d":
             x = self._halve_time(x, cache)
         return x
@@ -248,6 +297,15 @@ class Resample(nn.Module):
             return x
         rest = self._split_channels(self.time_conv(x[:, :, 1:], cache))
         return torch.cat([x[:, :, :1], rest], dim=2)
+
+    def _upsample_band(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, C, 1 + h + 1, W] a band with one halo row each side -> [N, C/2, 2h, 2W].
+
+        Upsampled, the halo rows become two rows each; the 3x3 conv needs only the nearer one.
+        """
+        upsample, conv = self.resample
+        x = upsample(x)[..., 1:-1, :]
+        return F.conv2d(x, conv.weight, conv.bias, padding=(0, 1))
 
     @staticmethod
     def _split_channels(y: torch.Tensor) -> torch.Tensor:
@@ -457,10 +515,15 @@ class WanVAE(nn.Module):
                 weight[..., r0 * s : r1 * s, c0 * s : c1 * s] += mask
         return out / weight
 
-    def decode_frames(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    def decode_frames(
+        self, latents: torch.Tensor, clamp: bool = True, split: SpatialSplit | None = None
+    ) -> torch.Tensor:
         """Normalized latents [B, 16, T, h, w] → float32 video, one latent frame at a time, untiled,
-        with autograd as the caller has it (training decodes with clamp=False)."""
-        return self._decode_frames(self._unnormalize(latents), clamp)
+        with autograd as the caller has it (training decodes with clamp=False).
+
+        With `split`, `latents` are one band of latent rows and the result is that band's
+        8x as many pixel rows of the whole frame's decode (parallel/vae_decode.py)."""
+        return self._decode_frames(self._unnormalize(latents), clamp, split)
 
     def _unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = self._stats(latents.device)
@@ -469,13 +532,15 @@ class WanVAE(nn.Module):
     def _num_frames(self, z: torch.Tensor) -> int:
         return 1 + self.config.temporal_factor * (z.shape[2] - 1)
 
-    def _decode_frames(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    def _decode_frames(
+        self, z: torch.Tensor, clamp: bool = True, split: SpatialSplit | None = None
+    ) -> torch.Tensor:
         """Unnormalized z: [B, 16, T, h, w] -> float32 video, one latent frame at a time."""
         s, tf = self.config.spatial_factor, self.config.temporal_factor
         b, _, t, h, w = z.shape
         x = self.conv2(z)
         out = torch.empty(b, 3, self._num_frames(z), h * s, w * s, device=z.device)
-        cache = CausalCache()
+        cache = CausalCache(split)
         for i in range(t):
             frames = self.decoder(x[:, :, i : i + 1], cache).float()
             if clamp:
