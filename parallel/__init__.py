@@ -11,6 +11,7 @@ from parallel.errors import CollectiveError, ParallelConfigError, PeerFailedErro
 from parallel.mesh import DeviceMesh, ParallelConfig, init_distributed
 from parallel.runner import DenoiseRequest, SPRunner
 from parallel.sharded_dit import ShardedDiT, TokenLayout
+from parallel.vae_decode import RowBands, decode_bands
 from parallel.weights import load_once_per_node
 
 __all__ = [
@@ -23,9 +24,11 @@ __all__ = [
     "ParallelConfigError",
     "PeerFailedError",
     "RequestFailedError",
+    "RowBands",
     "SPRunner",
     "ShardedDiT",
     "TokenLayout",
+    "decode_bands",
     "init_distributed",
     "load_once_per_node",
     "resolve_device",

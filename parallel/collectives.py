@@ -34,8 +34,9 @@ class CommStats:
     """Calls and payload bytes this rank sent, per kind of collective.
 
     Bytes are what this rank must put on the wire with the usual algorithms: all-to-all
-    (N−1)/N of its buffer, all-gather (N−1)× its chunk, ring shift its buffer, broadcast
-    (N−1)× the tensor at the root. Agreement all-reduces are counted under "agree".
+    (N−1)/N of its buffer, all-gather (N−1)× its chunk, ring shift its buffer, neighbour
+    exchange what it sends to each side, broadcast (N−1)× the tensor at the root. Agreement
+    all-reduces are counted under "agree".
     """
 
     calls: Counter = field(default_factory=Counter)
@@ -183,3 +184,30 @@ class Collectives:
             works = dist.batch_isend_irecv(ops)
         self.stats.record("ring_shift", x.nbytes)
         return PendingShift(works, x, received)
+
+    def neighbour_exchange(
+        self,
+        to_prev: torch.Tensor,
+        to_next: torch.Tensor,
+        prev: int | None,
+        nxt: int | None,
+        group: dist.ProcessGroup | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Send `to_prev` to global rank `prev` and `to_next` to `nxt` (None: no neighbour on
+        that side, as at the ends of a line of ranks); receive what they send back, shaped like
+        what went to them → (from prev, from next). One grouped send + receive, like
+        `ring_shift`, waited for."""
+        sides = [(t.contiguous(), peer) for t, peer in ((to_prev, prev), (to_next, nxt))]
+        received = [None if peer is None else torch.empty_like(t) for t, peer in sides]
+        self.gate()
+        ops = []
+        for (sent, peer), buf in zip(sides, received, strict=True):
+            if peer is not None:
+                ops += [dist.P2POp(dist.isend, sent, peer, group), dist.P2POp(dist.irecv, buf, peer, group)]
+        if not ops:
+            return None, None
+        with _backend_errors("neighbour exchange"):
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        self.stats.record("neighbour_exchange", sum(t.nbytes for t, peer in sides if peer is not None))
+        return received[0], received[1]
