@@ -7,7 +7,9 @@ Rank 0 calls `generate(request)`; every other rank sits in `serve_forever()`. Pe
    tensors;
 2. setup phase: every rank builds the schedule and its own head slice of the identity cache;
 3. one phase per step: CFG passes (sequential, or on the two mesh halves with one exchange),
-   Euler step on the replicated latents; the end-of-step agreement carries rank 0's cancel flag.
+   Euler step on the replicated latents; the end-of-step agreement carries rank 0's cancel flag;
+4. with `decode`, one more phase: every rank of the world decodes a band of latent rows of the
+   final latents with the VAE (parallel/vae_decode.py) and the bands are gathered.
 
 Each phase ends in an agreement: a failure on any rank becomes `RequestFailedError` on every
 rank (with every failing rank's message) and the group serves the next request. A collective
@@ -37,6 +39,7 @@ from parallel.styles import (
     style_refs_from_header,
     styles_digest,
 )
+from parallel.vae_decode import RowBands, decode_bands
 from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, InvalidRequestError
 from standin.experts import ExpertRun, ExpertSet
@@ -45,6 +48,7 @@ from standin.scheduler import DEFAULT_SHIFT, FlowMatchSchedule
 from standin.sdedit import BackgroundConsistency
 from standin.step_cache import FirstBlockCache, StepCache, make_step_cache
 from standin.vace import DEFAULT_VACE_SCALE, VaceBranch, VaceInputs, vace_call
+from standin.vae import WanVAE
 
 __all__ = ["DenoiseRequest", "SPRunner"]
 
@@ -105,6 +109,10 @@ class DenoiseRequest:
     # opt-in step caching (standin/step_cache.py); every rank keeps its own state of the request
     # and takes the same skip decisions (the statistic is gathered over the SP group)
     cache: StepCache | None = None
+    # decode the final latents on every rank of the replica, a band of latent rows each (the
+    # runner needs a vae): `generate` then returns the video [B, 3, 1 + 4(F-1), 8H, 8W] float32
+    # in [-1, 1] instead of the latents
+    decode: bool = False
 
 
 class SPRunner:
@@ -118,11 +126,15 @@ class SPRunner:
         vace: VaceBranch | None = None,
         styles: StyleResolver | None = None,
         run_block: Callable[..., Any] | None = None,
+        vae: WanVAE | None = None,
     ) -> None:
         """`experts`: a two-expert model's DiTs (standin/experts.py; `model` is then the
         high-noise one, or the offload slot); every rank must be given the same set.
         `vace`: the VACE branch of a Wan2.1-VACE model (the same weights on every rank).
-        `run_block`: how every expert's blocks run (e.g. `compiled_blocks()`; None: eager)."""
+        `run_block`: how every expert's blocks run (e.g. `compiled_blocks()`; None: eager).
+        `vae`: the VAE for requests with `decode` (the same weights on every rank, on the
+        mesh's device; it decodes in its own dtype, float32 as the official Wan runs it)."""
+        self.vae = vae
         self.run_block = run_block
         self.vace = vace
         self.styles = styles  # this rank's style LoRA resolver (its own loaded-LoRA cache)
@@ -143,7 +155,9 @@ class SPRunner:
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Denoise on every rank; returns the final latents [B, C_out, F, H, W] (rank 0 only).
+        """Denoise on every rank; returns the final latents [B, C_out, F, H, W] (rank 0 only),
+        or with `request.decode` the video [B, 3, 1 + 4(F-1), 8H, 8W] float32 in [-1, 1]
+        decoded by every rank of the world.
 
         Raises InvalidRequestError (nothing sent), RequestFailedError (failed on some rank, the
         group is fine), CancelledError (should_cancel said so between two steps) or
@@ -164,6 +178,7 @@ class SPRunner:
             "styles": [r.as_tuple() for r in request.styles],
             "styles_hash": styles_digest(request.styles),
             "cache": None if request.cache is None else request.cache.as_tuple(),
+            "decode": request.decode,
             "tensors": {
                 name: (tuple(t.shape), t.dtype) if t is not None else None
                 for name in _TENSOR_FIELDS
@@ -270,7 +285,16 @@ class SPRunner:
                 except Exception:  # reporting must not desynchronise rank 0 from the others
                     log.exception("progress callback failed")
         run.finish()
+        if header.get("decode"):
+            return self._phase(functools.partial(self._decode, latents))
         return latents
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents [B, 16, F, H, W], the same on every rank → the video, every rank
+        decoding a band of rows (world ranks: the CFG halves too)."""
+        if self.vae is None:
+            raise InvalidRequestError(f"rank {self.mesh.rank} has no VAE to decode with")
+        return decode_bands(self.vae, latents, self.comm)
 
     def _step(
         self,
@@ -442,6 +466,16 @@ class SPRunner:
             if self.vace is None:
                 raise InvalidRequestError("this model has no VACE branch: a control video needs one")
             VaceInputs(request.vace_context, request.vace_scale).validate(self.vace.config.in_dim, lat.shape)
+        if not isinstance(request.decode, bool):
+            raise InvalidRequestError(f"decode must be True or False, got {request.decode!r}")
+        if request.decode:
+            if self.vae is None:
+                raise InvalidRequestError("decode needs a runner built with a vae (SPRunner(..., vae=...))")
+            if self.vae.config.z_dim != cfg.out_dim:
+                raise InvalidRequestError(
+                    f"the VAE decodes {self.vae.config.z_dim} latent channels, the DiT makes {cfg.out_dim}"
+                )
+            RowBands(lat.shape[-2], self.mesh.world_size)  # raises when rows < ranks
         # styles: references only; rank 0 loads its own first (a missing or bad file fails here)
         resolve_styles(self.styles, check_refs(request.styles))
         # Raises InvalidRequestError for bad num_steps / shift / strength.
