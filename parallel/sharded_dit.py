@@ -95,9 +95,7 @@ class ShardedDiT:
     identity cache → head → all-gather. Every rank ends with the whole velocity.
     """
 
-    def __init__(
-        self, model: WanDiT, comm: Collectives, run_block: Callable[..., Any] | None = None
-    ) -> None:
+    def __init__(self, model: WanDiT, comm: Collectives, run_block: Callable[..., Any] | None = None) -> None:
         self.model = model
         self.comm = comm
         self.mesh: DeviceMesh = comm.mesh

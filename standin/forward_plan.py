@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.fx.experimental._config as fx_config  # noqa: PLC2701 - the only duck-sizing switch
 from torch.utils.checkpoint import checkpoint
 
 from standin.attention import restricted_attention
@@ -134,10 +135,16 @@ def compiled_blocks(dynamic: bool = True) -> Callable[..., Any]:
     function of (block, inputs): with torch's inlined nn modules every block of the model reuses
     that one graph (the weights are inputs, not constants), and `dynamic=True` keeps it across
     token counts (video sizes). What runs between blocks — the `after_block` hook, step caching's
-    decision — stays eager. Tested on one process only: under sequence parallelism the attention's
-    collectives sit inside the block (expect graph breaks there; not measured yet). The first call
-    compiles (≈ 20–30 s for the test model on one CPU thread); the compiled functions live in the
-    returned closure, never on the model.
+    decision — stays eager. Under sequence parallelism the attention (parallel/'s
+    `SequenceParallelAttention`, with its collectives and their gates) is excluded from the graph
+    with `torch.compiler.disable`: one graph break per block, the collectives run eagerly in the
+    same order on every rank (tests/test_compiled_sp.py). The first call compiles (≈ 20–30 s for
+    the test model on one CPU thread; `standin.warmup.warm_up` pays it at replica start); the
+    compiled functions live in the returned closure, never on the model.
+
+    Compiling without "duck sizing": otherwise a first call where two sizes happen to be equal
+    (tokens per rank = head_dim, say) compiles a graph guarded on that equality, and the next
+    video size compiles again. Sizes of 1 are still specialised (batch 1 stays batch 1).
     """
     compiled: dict[Any, Callable[..., Any]] = {}
 
@@ -147,7 +154,13 @@ def compiled_blocks(dynamic: bool = True) -> Callable[..., Any]:
         func, owner = getattr(fn, "__func__", fn), getattr(fn, "__self__", None)
         if func not in compiled:
             compiled[func] = torch.compile(func, dynamic=dynamic)
-        return compiled[func](owner, *args) if owner is not None else compiled[func](*args)
+        args = (owner, *args) if owner is not None else args
+        duck_shape = fx_config.use_duck_shape  # read when a (re)compilation builds its shape env
+        fx_config.use_duck_shape = False
+        try:
+            return compiled[func](*args)
+        finally:
+            fx_config.use_duck_shape = duck_shape
 
     return run_block
 
