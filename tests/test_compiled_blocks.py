@@ -1,6 +1,7 @@
 """`compiled_blocks` (torch.compile of each DiT block, regional, dynamic token counts) against
 eager: the same outputs to float32 rounding, for two video sizes, one graph shared by every block,
-the identity cache built through it, and step caching on top."""
+the identity cache built through it, and step caching on top; after `warm_up` a request compiles
+nothing. (Under sequence parallelism: tests/test_compiled_sp.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch._dynamo.utils import counters
 
 from standin.forward_plan import ForwardPlan, compiled_blocks
 from standin.step_cache import FirstBlockCache
-from tests.test_dit import CFG, inputs, randomized
+from standin.warmup import warm_up
+from tests.test_dit import CFG, FACE, inputs, randomized
 
 pytestmark = pytest.mark.slow  # the first compilation takes ≈ 30 s on one CPU thread
 
@@ -52,3 +54,24 @@ def test_compiled_blocks_equal_eager_across_video_sizes_with_identity_and_step_c
     assert counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
     for eager, compiled in outs:
         assert _rel(compiled, eager) < 1e-5
+
+
+def test_after_warm_up_requests_of_new_sizes_compile_nothing() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+    model = randomized()
+    plan = ForwardPlan(run_block=compiled_blocks())
+    assert warm_up(model, plan) > 0  # batch 1, with and without identity: what a replica runs
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    g = torch.Generator().manual_seed(4)
+    t, face = torch.tensor([300.0]), torch.randn(FACE, generator=g)
+    with torch.no_grad():
+        for frames, h, w in ((3, 6, 10), (5, 8, 6)):  # 45 and 60 tokens, neither the warm-up's
+            x = torch.randn(1, CFG.in_dim, frames, h, w, generator=g)
+            ctx = torch.randn(1, 11, CFG.text_dim, generator=g)
+            cache = model.identity_cache(face, x.shape, plan=plan)
+            eager = model(x, t, ctx, model.identity_cache(face, x.shape))
+            assert _rel(model(x, t, ctx, cache, plan=plan), eager) < 1e-5
+            assert _rel(model(x, t, ctx, plan=plan), model(x, t, ctx)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
