@@ -267,3 +267,29 @@ def test_runner_decodes_on_every_rank_and_returns_the_video(world):
 def test_runner_refuses_decode_without_vae_or_with_fewer_rows_than_ranks(world2, world3):
     assert "needs a runner built with a vae" in world2[0]["runner"]["refusals"]["no_vae"]
     assert "fewer than the 3 ranks" in world3[0]["runner"]["refusals"]["too_few_rows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark (a smoke run: the numbers come from what ran, nothing asserts a speed)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_vae_decode_benchmark_writes_json_and_png(tmp_path):
+    import json
+
+    from benchmarks import vae_decode
+
+    vae_decode.main(["--quick", "--out-dir", str(tmp_path), "--name", "vae"])
+    saved = json.loads((tmp_path / "vae.json").read_text())
+    assert (tmp_path / "vae.png").stat().st_size > 0
+    rows = saved["measured"]["rows"]
+    assert [r["ranks"] for r in rows] == [1, 1, 2]
+    assert all(r["rel_error"] <= TOLERANCE for r in rows[1:])
+    two = rows[2]["per_rank"]
+    assert all(r["bytes_sent"]["neighbour_exchange"] > 0 for r in two)
+    for size in saved["real_sizes"]:
+        # the module-shape count and torch's counter agree; bands add only their halo rows
+        assert abs(size["total_flop"] / size["torch_flop_counter"] - 1) < 1e-3
+        assert size["band_flop"] < size["total_flop"] / 8 * 1.2
+    assert saved["decision"]
