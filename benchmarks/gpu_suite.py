@@ -350,6 +350,15 @@ def _vae_decode(device: Any, sizes: list[str]) -> dict[str, Any]:
             "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9,
         }
         del video
+        # The compute of one rank of an 8-rank parallel decode (parallel/vae_decode.py): the
+        # tallest band of latent rows alone (its halo rows and the K/V gather left out).
+        band = latents[..., : -(-latents.shape[-2] // 8), :]
+        vae.decode(band[:, :, :2])  # warm-up for the band's shapes
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        vae.decode(band)
+        torch.cuda.synchronize(device)
+        out[size]["band_of_8_seconds"] = time.perf_counter() - start
     return out
 
 
