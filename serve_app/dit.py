@@ -55,6 +55,7 @@ from serve_app.models import device_of, load_dit, load_experts, load_vace
 from serve_app.settings import ServeSettings
 from serve_app.vace import control_request_fields, drop_reference_frame
 from serve_app.warmup import warm_up
+from standin.attention import configure_attention
 from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError
 from standin.experts import HIGH
@@ -73,6 +74,7 @@ class RankState:
 
     def __init__(self, settings: ServeSettings, rank: int, address: str | None) -> None:
         self.device = device_of(settings)  # explicit index (cuda:0 for a one-GPU actor)
+        configure_attention(settings.attention_backend)  # a missing kernel package fails here, at start
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # init_distributed then binds NCCL to it (device_id)
         world = settings.world_size

@@ -17,7 +17,17 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from standin.attention import CHOICES as ATTENTION_CHOICES
 
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "standin-serve"
 
@@ -110,6 +120,14 @@ class ServeSettings(BaseModel):
     job_timeout_s: float = Field(3600.0, gt=0)
     sse_keepalive_s: float = Field(15.0, gt=0)  # SSE comment lines while nothing changes
     api_keys: tuple[str, ...] = Field((), repr=False)
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_attention_backend(cls, name: str) -> str:
+        # whether its package is installed is checked where it runs: on every DiT rank at start
+        if name not in ATTENTION_CHOICES:
+            raise ValueError(f"must be one of {', '.join(ATTENTION_CHOICES)}")
+        return name
 
     @model_validator(mode="after")
     def _cross_field_rules(self, info: ValidationInfo) -> ServeSettings:

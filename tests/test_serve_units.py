@@ -98,6 +98,17 @@ def test_environment_overrides_config_args_and_unknown_args_fail():
         ServeSettings.from_args({"sp_degre": 2}, env={})
 
 
+def test_speed_settings_default_to_the_safe_mode_and_read_the_environment():
+    s = ServeSettings.from_args({}, env={})
+    assert (s.attention_backend, s.compile_blocks, s.agreement, s.warmup, s.decode_on) == (
+        "auto", False, "per_collective", True, "decoder")
+    env = {"STANDIN_COMPILE_BLOCKS": "true", "STANDIN_AGREEMENT": "per_step", "STANDIN_WARMUP": "0",
+           "STANDIN_ATTENTION_BACKEND": "sdpa_flash", "STANDIN_DECODE_ON": "dit"}
+    s = ServeSettings.from_args({}, env=env)
+    assert (s.attention_backend, s.compile_blocks, s.agreement, s.warmup, s.decode_on) == (
+        "sdpa_flash", True, "per_step", False, "dit")
+
+
 @pytest.mark.parametrize(
     ("args", "env", "key"),
     [
@@ -108,6 +119,10 @@ def test_environment_overrides_config_args_and_unknown_args_fail():
         ({"job_store": "postgres"}, {}, "job_store"),
         ({"job_store": "redis"}, {}, "redis_url"),
         ({"cfg_degree": 3}, {}, "cfg_degree"),
+        ({"attention_backend": "flash4"}, {}, "attention_backend"),
+        ({}, {"STANDIN_AGREEMENT": "never"}, "agreement"),
+        ({"decode_on": "gpu"}, {}, "decode_on"),
+        ({}, {"STANDIN_COMPILE_BLOCKS": "maybe"}, "compile_blocks"),
     ],
 )
 def test_bad_settings_fail_at_start_naming_the_key(args, env, key):
