@@ -305,3 +305,21 @@ def test_every_cuda_lse_kernel_splits_the_identity_like_the_concatenation(name):
     concat = restricted_attention(q, k, v, (k_id, v_id), split_kv=False)
     assert _rel(split, concat) <= (SAGE_TOLERANCE if name == "sage" else 1e-2)
     assert BACKEND_CALLS[f"{name}+lse"] == 2
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+def test_the_benchmark_reports_every_cpu_backend_and_both_identity_paths(tmp_path):
+    from benchmarks import attention as bench
+
+    report = bench.main(["--tokens", "42", "--heads", "2", "--reps", "1", "--dtypes", "fp32",
+                         "--out-dir", str(tmp_path)])
+    (row,) = report["rows"]
+    assert set(row["backend_s"]) == set(ON_CPU) and row["backend_over_auto"]["sdpa_flash"] == 1.0
+    assert row["identity_tokens"] == 2 and row["split_over_concat"] > 0
+    assert (tmp_path / "attention_cpu.json").exists() and (tmp_path / "attention_cpu.png").exists()
+    real = report["real_case"]["bytes_per_call_per_gpu"]
+    # Wan 14B 480p on 8 GPUs: the copy moves 4·(S + S_id) video-sized rows, the merge more
+    assert real["concat_copy"] == 4 * (32760 + 1560) * 5 * 128 * 2
+    assert real["concat_copy"] < real["split_fused_bf16_merge"] < real["split_as_implemented"]

@@ -31,8 +31,10 @@ Choice rules:
 - The first call of each backend per device and dtype is logged once per process, e.g.
   "attention: flash3 (bf16, cuda:0)"; `BACKEND_CALLS` counts eager calls ("<name>+lse" for LSE).
 - The identity block: concatenated to the video K/V (one kernel call) unless the backend's
-  `split_kv` says to merge it by LSE; measured, concat wins on CPU and by traffic arithmetic on
-  GPU too (benchmarks/attention.py), so every backend has `split_kv=False`.
+  `split_kv` says to merge it by LSE (or the caller passes split_kv=True). Every backend has
+  `split_kv=False`: on CPU neither path wins consistently, and by traffic arithmetic the merge
+  moves more bytes than the copy on a GPU (benchmarks/attention.py,
+  benchmarks/results/attention_cpu.json).
 """
 
 from standin.attention.backends import BACKENDS, Backend, BlockResult

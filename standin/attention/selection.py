@@ -118,6 +118,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _log_once(key: tuple[str, ...], level: int, msg: str, *args: object) -> None:
+    if torch.compiler.is_compiling():  # a log call would break the graph; eager calls log it
+        return
     if key not in _logged:
         _logged.add(key)
         log.log(level, msg, *args)
