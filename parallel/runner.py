@@ -113,6 +113,9 @@ class DenoiseRequest:
     # runner needs a vae): `generate` then returns the video [B, 3, 1 + 4(F-1), 8H, 8W] float32
     # in [-1, 1] instead of the latents
     decode: bool = False
+    # leading latent frames that are conditioning, not video (VACE's first-frame reference):
+    # dropped before decoding, as the official pipeline decodes only the video's latents
+    decode_skip: int = 0
 
 
 class SPRunner:
@@ -179,6 +182,7 @@ class SPRunner:
             "styles_hash": styles_digest(request.styles),
             "cache": None if request.cache is None else request.cache.as_tuple(),
             "decode": request.decode,
+            "decode_skip": request.decode_skip,
             "tensors": {
                 name: (tuple(t.shape), t.dtype) if t is not None else None
                 for name in _TENSOR_FIELDS
@@ -286,7 +290,8 @@ class SPRunner:
                     log.exception("progress callback failed")
         run.finish()
         if header.get("decode"):
-            return self._phase(functools.partial(self._decode, latents))
+            video_latents = latents[:, :, header.get("decode_skip", 0) :]
+            return self._phase(functools.partial(self._decode, video_latents))
         return latents
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -476,6 +481,11 @@ class SPRunner:
                     f"the VAE decodes {self.vae.config.z_dim} latent channels, the DiT makes {cfg.out_dim}"
                 )
             RowBands(lat.shape[-2], self.mesh.world_size)  # raises when rows < ranks
+        skip = request.decode_skip
+        if not isinstance(skip, int) or isinstance(skip, bool) or not 0 <= skip < lat.shape[2]:
+            raise InvalidRequestError(
+                f"decode_skip must be an int in [0, {lat.shape[2]}) (latent frames), got {skip!r}"
+            )
         # styles: references only; rank 0 loads its own first (a missing or bad file fails here)
         resolve_styles(self.styles, check_refs(request.styles))
         # Raises InvalidRequestError for bad num_steps / shift / strength.

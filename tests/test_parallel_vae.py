@@ -144,8 +144,9 @@ def _runner_scenarios(rank: int, world: int, comm) -> dict:
     ctx = torch.randn(1, 7, cfg.text_dim, generator=g)
     neg = torch.randn(1, 5, cfg.text_dim, generator=g)
 
-    def request(decode: bool, latents: torch.Tensor = lat) -> DenoiseRequest:
-        return DenoiseRequest(latents, ctx, num_steps=2, negative_context=neg, guidance=3.0, decode=decode)
+    def request(decode: bool, latents: torch.Tensor = lat, skip: int = 0) -> DenoiseRequest:
+        return DenoiseRequest(latents, ctx, num_steps=2, negative_context=neg, guidance=3.0, decode=decode,
+                              decode_skip=skip)
 
     out: dict = {}
     try:
@@ -157,11 +158,18 @@ def _runner_scenarios(rank: int, world: int, comm) -> dict:
         out["shape"] = list(video.shape)
         out["dtype"] = str(video.dtype)
         out["range"] = [float(video.min()), float(video.max())]
+        # a leading conditioning frame (VACE's reference) is not decoded: the video of the rest
+        with torch.no_grad():
+            out["skip_rel"] = _rel(runner.generate(request(True, skip=1)), vae.decode(final[:, :, 1:]))
         refusals = {}
         try:
             SPRunner(model, comm).generate(request(True))  # rank 0 only: refused before sending
         except InvalidRequestError as exc:
             refusals["no_vae"] = str(exc)
+        try:
+            runner.generate(request(True, skip=FRAMES))
+        except InvalidRequestError as exc:
+            refusals["skip_all"] = str(exc)
         if world > 2:
             try:
                 runner.generate(request(True, lat[..., :2, :]))
@@ -260,12 +268,14 @@ def test_runner_decodes_on_every_rank_and_returns_the_video(world):
     assert out["dtype"] == "torch.float32"
     assert out["range"][0] >= -1.0 and out["range"][1] <= 1.0
     assert out["rel"] <= TOLERANCE
+    assert out["skip_rel"] <= TOLERANCE
     assert out["after_refusals_rel"] <= TOLERANCE
 
 
 @pytest.mark.slow
 def test_runner_refuses_decode_without_vae_or_with_fewer_rows_than_ranks(world2, world3):
     assert "needs a runner built with a vae" in world2[0]["runner"]["refusals"]["no_vae"]
+    assert "decode_skip must be an int in [0, 3)" in world2[0]["runner"]["refusals"]["skip_all"]
     assert "fewer than the 3 ranks" in world3[0]["runner"]["refusals"]["too_few_rows"]
 
 
