@@ -51,9 +51,9 @@ from parallel.styles import StyleRef, resolve_styles
 from serve_app.face_swap import denoise_request_fields
 from serve_app.jobs import AsyncJobStore, open_job_store
 from serve_app.loras import MAX_STYLE_SETS_PER_REPLICA, ReplicaStyles, style_set_id
-from serve_app.models import device_of, load_dit, load_experts, load_vace
+from serve_app.models import device_of, load_dit, load_experts, load_vace, load_vae
 from serve_app.settings import ServeSettings
-from serve_app.vace import control_request_fields, drop_reference_frame
+from serve_app.vace import control_request_fields, drop_reference_frame, reference_frames
 from serve_app.warmup import warm_up
 from standin.attention import configure_attention
 from standin.dit import WanDiT
@@ -62,6 +62,7 @@ from standin.experts import HIGH
 from standin.forward_plan import compiled_blocks
 from standin.pipeline import GenerationParams, initial_noise
 from standin.presets import get_preset
+from standin.video import to_uint8_frames
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class RankState:
             experts,
             load_vace(settings),
             run_block=compiled_blocks() if settings.compile_blocks else None,
+            # decode_on: dit — every rank decodes a band of the video (parallel/vae_decode.py)
+            vae=load_vae(settings) if settings.decode_on == "dit" else None,
         )
         # style LoRAs: this rank's own bounded cache of loaded files (serve_app/loras.py)
         self.runner.styles = ReplicaStyles.for_rank(settings, model, rank)
@@ -262,7 +265,9 @@ class DiTReplica:
         job: dict[str, Any] | None = None,
         styles: tuple[StyleRef, ...] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream `started`, progress, then the final latents [1, 16, F', H/8, W/8] (float32, CPU).
+        """Stream `started`, progress, then the result: the final latents [1, 16, F', H/8, W/8]
+        (float32, CPU) as `latents`, or with `decode_on: dit` the video as `frames` (uint8
+        [F, H, W, 3], decoded by every rank).
         `job`: {"id", "owner", "attempt"} of the run that asks (None: no lease checks)."""
         reason = self._broken_reason()
         if reason is not None:
@@ -294,9 +299,9 @@ class DiTReplica:
             try:
                 while (item := await events.get()) is not None:
                     yield {"event": "progress", "step": item[0], "total": item[1]}
-                latents = await work
+                result = await work  # {"latents"} or, when the ranks decode, {"frames"}
                 self.counts["completed"] += 1
-                yield {"event": "result", "latents": latents}
+                yield {"event": "result", **result}
             except CancelledError:
                 if not lost.is_set():
                     raise
@@ -329,7 +334,7 @@ class DiTReplica:
         progress: Callable[[int, int], None],
         cancel: threading.Event,
         styles: tuple[StyleRef, ...] = (),
-    ) -> torch.Tensor:
+    ) -> dict[str, Any]:
         use_cfg = params.uses_guidance
         face_swap = conditioning.get("face_swap")
         # a face swap starts from its input video's noised latents (+ background consistency)
@@ -348,9 +353,13 @@ class DiTReplica:
             shift=params.shift,
             styles=styles,
             cache=params.cache,
+            decode=self.settings.decode_on == "dit",
+            decode_skip=reference_frames(vace),
         )
-        latents = self.rank0.runner.generate(request, progress, cancel.is_set)
-        return drop_reference_frame(latents, vace).float().cpu()
+        out = self.rank0.runner.generate(request, progress, cancel.is_set)
+        if request.decode:  # the ranks decoded: send uint8 frames (¼ of float32) to the Decoder
+            return {"frames": to_uint8_frames(out.cpu())}
+        return {"latents": drop_reference_frame(out, vace).float().cpu()}
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -63,7 +63,7 @@ class ServeSettings(BaseModel):
     worker_num_cpus: float = Field(0.4, ge=0)
     worker_num_gpus: float = Field(0.0, ge=0)
     # speed levers of the DiT replica (README, "Performance"): the attention kernel ("auto": the
-    # fastest available, standin/attention.py), regional torch.compile of the DiT blocks, whether
+    # fastest available, standin/attention/), regional torch.compile of the DiT blocks, whether
     # every collective is gated by an agreement (a failing rank is reported at the next
     # collective) or only every phase/step (fewer host round trips; a rank dying mid-step then
     # ends in the collective timeout), a warm-up request at replica start, and where the VAE

@@ -121,8 +121,11 @@ def control_request_fields(params: GenerationParams, vace: dict[str, Any], scale
     }
 
 
+def reference_frames(vace: dict[str, Any] | None) -> int:
+    """Leading latent frames that are conditioning, not video: the first-frame reference's one."""
+    return 1 if vace is not None and vace["first_frame"] else 0
+
+
 def drop_reference_frame(latents: torch.Tensor, vace: dict[str, Any] | None) -> torch.Tensor:
     """[B, C, F' (+1), H, W] → [B, C, F', H, W]: the first-frame reference is not output."""
-    if vace is not None and vace["first_frame"]:
-        return latents[:, :, 1:]
-    return latents
+    return latents[:, :, reference_frames(vace) :]
