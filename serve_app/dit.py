@@ -365,6 +365,8 @@ class DiTReplica:
         return {
             **self.counts,
             "world_size": self.settings.world_size,
+            "decode_on": self.settings.decode_on,
+            "agreement": self.settings.agreement,
             "worker_names": list(self.worker_names),
             "healthy": self._broken_reason() is None,
             "styles": None if self.rank0.runner.styles is None else self.rank0.runner.styles.cache.stats(),

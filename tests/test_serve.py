@@ -1,8 +1,10 @@
 """The Serve application end to end, on a real local Ray cluster (tests/conftest.py: one per session).
 
 The main app is the CPU profile at test sizes: tiny preset, one DiT replica of 2 ranks over gloo,
-one JobRunner that drives one job at a time. The second app ("keyed", under /keyed) needs API
-keys, has two single-rank DiT replicas (real concurrency) and small limits (cheap fuzzing).
+one JobRunner that drives one job at a time, in the GPU profiles' production mode (one agreement
+per step, the VAE decode split across the DiT's ranks). The second app ("keyed", under /keyed)
+needs API keys, has two single-rank DiT replicas (real concurrency), small limits (cheap fuzzing)
+and the default mode (gated collectives, the Decoder deployment decodes).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def server(ray_serve: str, state: Path) -> Iterator[str]:
                 "max_attempts": 3,
                 "runner_max_jobs": 1,
                 "sse_keepalive_s": 0.5,
+                "agreement": "per_step",
+                "decode_on": "dit",
             }
         ),
         name="standin",
@@ -381,6 +385,25 @@ def test_api_keys_gate_and_isolate_jobs(server: str):
         _error(bob.delete(f"/v1/videos/{video['id']}"), 404)
         assert bob.get("/v1/videos").json()["data"] == []
         assert [v["id"] for v in alice.get("/v1/videos").json()["data"]] == [video["id"]]
+
+
+def test_the_dit_ranks_decode_the_video_the_decoder_would(client: httpx.Client, server: str):
+    """The main app decodes across its 2 DiT ranks, the keyed app in its Decoder (1 rank): the
+    same request gives the same video up to float rounding (parallel VAE decode ≤ 1e-5 of the
+    single-process one, then uint8 and H.264)."""
+    face = _data_url(FACES / "astronaut.jpg")
+    body = {"prompt": "a person talks to the camera", **SMALL, "input_reference": face}
+    ranks = _frames(client, wait_done(client, client.post("/v1/videos", json=body).json()["id"])["id"])
+    with httpx.Client(base_url=f"{server}/keyed", timeout=60,
+                      headers={"Authorization": "Bearer key-alice"}) as keyed:
+        video = wait_done(keyed, keyed.post("/v1/videos", json=body).json()["id"], prefix="")
+        r = keyed.get(f"/v1/videos/{video['id']}/content")
+        assert r.status_code == 200, r.text
+        decoder = decode_mp4(r.content)
+    assert ranks.shape == decoder.shape == (5, 32, 32, 3)
+    diff = np.abs(ranks.astype(int) - decoder.astype(int))
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+    assert _dit_stats()["decode_on"] == "dit" and _dit_stats("keyed")["decode_on"] == "decoder"
 
 
 # -- load and cancellation -----------------------------------------------------------------------
