@@ -191,13 +191,15 @@ def memory_estimate(config: DiTConfig, size: str, sp: int, dtype_bytes: int = 2)
     )
 
 
-def vae_decode_bytes(size: str) -> float:
-    """The Decoder's peak for one video (fp32 VAE, decoded one latent frame = 4 video frames at a
-    time): weights (73 M decoder params) + about five live full-resolution 96-channel activations
-    of 4 frames + the decoded video [3, 81, H, W] fp32."""
+def vae_decode_bytes(size: str, ranks: int = 1) -> float:
+    """The peak of one video's VAE decode on each of `ranks` ranks (fp32 VAE, decoded one latent
+    frame = 4 video frames at a time): weights (73 M decoder params) + about five live
+    full-resolution 96-channel activations of 4 frames of the rank's band of rows (1/ranks; the
+    one-row halos are noise) + the decoded video [3, 81, H, W] fp32, which every rank holds once
+    the bands are gathered."""
     width, height = SIZES[size]
     weights = 73.3e6 * 4
-    full_res = 96 * 4 * height * width * 4
+    full_res = 96 * 4 * math.ceil(height / ranks) * width * 4
     video = 3 * FRAMES * height * width * 4
     return weights + 5 * full_res + video
 
@@ -225,9 +227,12 @@ def memory_table(gpus_gb: tuple[int, ...] = (80, 141)) -> str:
                     f"{m.runtime / GB:.0f} | {m.total / GB:.1f} | " + " | ".join(fits) + " |"
                 )
     lines.append("")
-    lines.append("| Decoder (VAE decode, fp32) | " + " | ".join(SIZES) + " |")
+    lines.append("| VAE decode, fp32, peak | " + " | ".join(SIZES) + " |")
     lines.append("|---|" + "---|" * len(SIZES))
-    lines.append("| peak | " + " | ".join(f"{vae_decode_bytes(s) / GB:.1f} GB" for s in SIZES) + " |")
+    for where, ranks in (("the Decoder deployment (`decode_on: decoder`)", 1),
+                         ("each of 8 DiT ranks (`decode_on: dit`)", 8)):
+        peaks = " | ".join(f"{vae_decode_bytes(s, ranks) / GB:.1f} GB" for s in SIZES)
+        lines.append(f"| {where} | {peaks} |")
     return "\n".join(lines)
 
 

@@ -113,13 +113,16 @@ def test_gpu_worker_pods_hold_exactly_one_dit_replica_and_scale_with_serve():
 
 def test_the_profile_fits_one_plain_8_gpu_node_without_custom_resources():
     """8 ranks × 0.9 GPU leave 0.1 on every GPU; the Preprocessor and Decoder together ask for at
-    most 0.1, so even packed onto one GPU they leave a whole rank's share on every GPU."""
+    most 0.1, so even packed onto one GPU they leave a whole rank's share on every GPU (the Decoder
+    asks for none: the DiT's ranks decode)."""
     deployments = _app(PROFILE)["deployments"]
     assert all("resources" not in d.get("ray_actor_options", {}) for d in deployments)
     (per_rank,) = {b["GPU"] for b in _deployment("DiTReplica")["placement_group_bundles"]}
     assert 0.5 < per_rank <= 1  # two ranks never share a GPU
     aux = [_deployment(n) for n in ("Preprocessor", "Decoder")]
-    aux_gpu = sum(d["num_replicas"] * d["ray_actor_options"]["num_gpus"] for d in aux)
+    assert _app(PROFILE)["args"]["decode_on"] == "dit"
+    assert "num_gpus" not in _deployment("Decoder")["ray_actor_options"]
+    aux_gpu = sum(d["num_replicas"] * d["ray_actor_options"].get("num_gpus", 0) for d in aux)
     assert aux_gpu > 0 and per_rank + aux_gpu <= 1.0 + 1e-9
     cpus = sum(b["CPU"] for b in _deployment("DiTReplica")["placement_group_bundles"])
     cpus += sum(d["num_replicas"] * d["ray_actor_options"]["num_cpus"] for d in aux)

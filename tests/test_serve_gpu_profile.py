@@ -107,8 +107,8 @@ def test_the_dit_group_takes_one_gpu_share_per_rank_and_the_aux_deployments_shar
     (group,) = _get(observed, "dit_groups")
     assert group["strategy"] == "STRICT_PACK" and len(group["bundles"]) == 8
     assert all(b["GPU"] == pytest.approx(0.9) for b in group["bundles"])
-    # 8 × 0.9 for the ranks + 0.05 + 0.05 for the Preprocessor and Decoder = 7.3 of 8.
-    assert _get(observed, "available")["GPU"] == pytest.approx(8 - 7.3)
+    # 8 × 0.9 for the ranks + 0.05 for the Preprocessor = 7.25 of 8 (the DiT's ranks decode).
+    assert _get(observed, "available")["GPU"] == pytest.approx(8 - 7.25)
 
 
 if __name__ == "__main__":
