@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +132,38 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def spawn_ranks(
+    target: Callable[..., None], world: int, args: tuple[Any, ...], deadline_s: float
+) -> list[dict[str, Any]]:
+    """Run `target(rank, world, *args, out_dir)` in `world` spawned processes and collect what
+    each wrote to `out_dir/rank<r>.json`. A rank that wrote nothing, or still runs at the deadline
+    (then killed: a failed collective hangs its peers), gets a {"rank", "crash"} entry instead."""
+    import multiprocessing
+    import tempfile
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=target, args=(r, world, *args, tmp)) for r in range(world)]
+        for p in procs:
+            p.start()
+        end = time.monotonic() + deadline_s
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+        hung = {r for r, p in enumerate(procs) if p.is_alive()}
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results = []
+        for r in range(world):
+            path = Path(tmp, f"rank{r}.json")
+            if r in hung:
+                results.append({"rank": r, "crash": f"still running after {deadline_s:.0f} s"})
+            elif path.exists():
+                results.append(json.loads(path.read_text()))
+            else:
+                results.append({"rank": r, "crash": "exited without a result"})
+    return results

@@ -42,7 +42,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR
+from benchmarks.common import RESULTS_DIR, spawn_ranks
 from benchmarks.gpu_plan import (
     ASSUMED_TFLOPS,
     NODE_BUDGET_S,
@@ -275,30 +275,10 @@ def run_world(
     sp: int, cases: list[Case], args: argparse.Namespace, broadcast: bool, deadline_s: float
 ) -> dict[str, Any]:
     """Spawn `sp` ranks (GPUs 0..sp-1), run the cases, return rank 0's rows + every rank's peaks."""
-    ctx = multiprocessing.get_context("spawn")
-    port = free_port("127.0.0.1")
     shared = {"reps": args.reps, "warmup": args.warmup, "timeout_s": args.timeout_s, "broadcast": broadcast,
               "smoke": args.smoke}
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_world_main, args=(r, sp, port, cases, shared, tmp)) for r in range(sp)]
-        for p in procs:
-            p.start()
-        end = time.monotonic() + deadline_s
-        for p in procs:
-            p.join(max(0.0, end - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        results = []
-        for r in range(sp):
-            path = Path(tmp, f"rank{r}.json")
-            missing = {"rank": r, "crash": "exited without a result"}
-            results.append(json.loads(path.read_text()) if path.exists() else missing)
+    results = spawn_ranks(_world_main, sp, (free_port("127.0.0.1"), cases, shared), deadline_s)
     crashes = {r["rank"]: r["crash"] for r in results if "crash" in r}
-    if hung:
-        crashes.update({r: f"still running after {deadline_s:.0f} s" for r in hung})
     out = dict(results[0])
     if crashes:
         out["errors"] = crashes

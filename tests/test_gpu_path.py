@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_suite
+from benchmarks import gpu_levers, gpu_suite
 from benchmarks.gpu_plan import NODE_BUDGET_S, Case, estimate_seconds, memory_estimate, memory_table, plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +95,37 @@ def test_the_suites_machinery_runs_on_cpu(tmp_path):
     assert rows[1]["mesh"] == {**rows[1]["mesh"], "ulysses": 1, "ring": 3}
     assert rows[1]["attention"]["ring_block_kernels"]  # the ring ran its LSE kernels
     assert report["worlds"][1]["weight_broadcast"]["bytes"] > 0
+
+
+def test_the_levers_run_plans_every_lever_and_refuses_without_cuda(tmp_path, capsys):
+    assert gpu_levers.main(["--dry-run"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["levers"] == ["attention", "step", "compile", "step_cache", "vae", "sp"]
+    if not torch.cuda.is_available():
+        assert gpu_levers.main(["--out-dir", str(tmp_path)]) == gpu_levers.NO_CUDA_EXIT
+        assert "no CUDA GPU" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_the_levers_machinery_runs_on_cpu(tmp_path):
+    """--smoke: every lever of the GPU run, on the tiny model and 2 gloo ranks (compiles once per
+    process). Times mean nothing; what is checked is that every lever produced its numbers."""
+    assert gpu_levers.main(["--smoke", "--reps", "1", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_levers_smoke.json").read_text())
+    one = report["one_gpu"]
+    assert {"sdpa", "sdpa_flash"} <= set(one["attention"]["backends"])
+    assert all(row["max_rel_error_vs_fp32_math"] < 1e-5 for row in one["attention"]["backends"].values())
+    assert set(one["attention"]["identity"]) == {"concat", "split_kv"}
+    assert set(one["step"]["cfg_step"]) == {"eager_sdpa", "eager_auto", "compiled_auto"}
+    assert one["step"]["step_cache"]["skipped"] >= 1 and one["step"]["compile_first_call_s"] > 0
+    assert set(one["vae"]["decode"]) == {"whole_frame_fp32", "one_band_of_8"}
+    sp = report["sp"]
+    assert "errors" not in sp, sp.get("errors")
+    assert sp["forward_agreements_per_cfg_step"]["gated_eager"] > 0
+    assert sp["forward_agreements_per_cfg_step"]["per_step_compiled"] == 0
+    assert sp["parallel_vae"]["bytes_sent_per_rank"]["neighbour_exchange"] > 0
 
 
 # -- memory table ---------------------------------------------------------------------------
