@@ -54,7 +54,7 @@ from serve_app.loras import MAX_STYLE_SETS_PER_REPLICA, ReplicaStyles, style_set
 from serve_app.models import device_of, load_dit, load_experts, load_vace, load_vae
 from serve_app.settings import ServeSettings
 from serve_app.vace import control_request_fields, drop_reference_frame, reference_frames
-from serve_app.warmup import warm_up
+from serve_app.warmup import warm_up_replica
 from standin.attention import configure_attention
 from standin.dit import WanDiT
 from standin.errors import CancelledError, InvalidRequestError
@@ -157,7 +157,7 @@ class DiTReplica:
             ray.get(joins)
             self.loops = [w.serve_forever.remote() for w in self.workers]
         if settings.warmup:  # compile, kernel choice, communicators: before the first job, not in it
-            warm_up(self.rank0.runner)
+            warm_up_replica(self.rank0.runner)
         self._lock = asyncio.Lock()
         self._style_sets: dict[str, tuple[StyleRef, ...]] = {}  # multiplexed model id → its LoRAs
 

@@ -48,7 +48,7 @@ def warmup_request(runner: SPRunner) -> DenoiseRequest:
     )
 
 
-def warm_up(runner: SPRunner) -> float:
+def warm_up_replica(runner: SPRunner) -> float:
     """Run the warm-up requests (rank 0; the workers must be in `serve_forever`); their seconds.
 
     Two requests: with identity, and text-only (a forward without identity is its own graph)."""

@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from parallel import Collectives, DenoiseRequest, DeviceMesh, ParallelConfig, SPRunner
-from serve_app.warmup import warm_up, warmup_request
+from serve_app.warmup import warm_up_replica, warmup_request
 from standin.forward_plan import compiled_blocks
 from tests.test_dit import randomized
 
@@ -42,7 +42,7 @@ def test_warmup_request_uses_identity_guidance_and_the_model_shapes() -> None:
     assert request.latents.shape[:2] == (1, config.in_dim)
     assert request.identity_latents is not None and request.negative_context is not None
     assert request.context.shape[-1] == config.text_dim and request.guidance != 1.0
-    assert warm_up(runner) > 0  # validated and run by the runner like a job
+    assert warm_up_replica(runner) > 0  # validated and run by the runner like a job
 
 
 @pytest.mark.slow  # compiles the blocks once (≈ 30 s on one CPU thread)
@@ -50,7 +50,7 @@ def test_after_warmup_a_compiled_replica_compiles_nothing_for_its_first_job() ->
     torch._dynamo.reset()
     counters.clear()
     runner = _runner(compiled_blocks())
-    warm_up(runner)
+    warm_up_replica(runner)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0
     for job in (_job(runner), replace(_job(runner), identity_latents=None)):
