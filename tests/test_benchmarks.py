@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import load, model
 from benchmarks.flops import Tokens, dit_forward_flops, token_counts
+from standin.attention import configure_attention
 from standin.config import DiTConfig
 from standin.dit import WanDiT
 from standin.presets import dit_preset
@@ -328,11 +328,15 @@ def test_flops_match_torch_flop_counter_on_a_real_forward(with_identity: bool) -
     tokens = token_counts(cfg, latents.shape, ident.shape if with_identity else None, 7)
     expected = dit_forward_flops(cfg, tokens)
     # The math SDPA backend runs attention as matmuls, which the counter sees.
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as build:
-            cache = dit.identity_cache(ident, latents.shape) if with_identity else None
-        with FlopCounterMode(display=False) as forward:
-            dit(latents, t, context, cache)
+    configure_attention("sdpa_math")
+    try:
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as build:
+                cache = dit.identity_cache(ident, latents.shape) if with_identity else None
+            with FlopCounterMode(display=False) as forward:
+                dit(latents, t, context, cache)
+    finally:
+        configure_attention(None)
     assert forward.get_total_flops() == expected.forward
     assert build.get_total_flops() == expected.identity_build
 
