@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 FACES = Path(__file__).parent / "data" / "faces"
 SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2, "seed": 7}
-LONG = {"size": "128x128", "num_frames": 17, "num_inference_steps": 100, "seed": 3}
+# long enough to still run while a test looks at the queue behind it (≈ 10 s here: 100 steps)
+LONG = {"size": "192x192", "num_frames": 17, "num_inference_steps": 100, "seed": 3}
 MAX_UPLOAD = 2_000_000
 
 
