@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from standin import convert
+from standin.attention import CHOICES as ATTENTION_CHOICES
 from standin.config import DTYPES
 from standin.errors import StandInError
 from standin.experts import EXPERT_RESIDENCIES, SAMPLING_OPTIONS, expert_adapters
@@ -79,6 +80,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     gen.add_argument("--parser-weights", type=Path, help="parsing_bisenet.pth (whitens the background)")
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="DiT/text dtype (default: bf16 on GPU)")
+    gen.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        help="attention kernel (default: $STANDIN_ATTENTION, else auto: FlashAttention-3, -2 or "
+        "PyTorch's flash kernel, the first installed that fits)",
+    )
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT blocks (the first step pays the compilation, ≈ 20–60 s)",
+    )
     gen.add_argument(
         "--lora",
         action="append",

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from standin.attention import configure_attention
 from standin.config import DTYPES
 from standin.experts import SAMPLING_OPTIONS
 from standin.face import FaceConfig, FacePreprocessor
+from standin.forward_plan import ForwardPlan, compiled_blocks
 from standin.pipeline import GenerationParams, ProgressCallback, StandInPipeline
 from standin.presets import PRESETS, get_preset
 from standin.video import encode_mp4
@@ -105,6 +107,9 @@ def load_pipeline(args: argparse.Namespace) -> StandInPipeline:
         expert_residency=args.expert_residency,
     )
     log.info("loaded %s in %.1fs on %s", args.preset, time.perf_counter() - started, pipe.device)
+    configure_attention(args.attention)  # None: $STANDIN_ATTENTION, else auto
+    if args.compile:
+        pipe.plan = ForwardPlan(run_block=compiled_blocks())
     return pipe
 
 

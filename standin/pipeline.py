@@ -24,7 +24,7 @@ from standin.checkpoints import load_wan_dit, shard_files
 from standin.dit import IdentityCache, WanDiT
 from standin.errors import CancelledError, CheckpointError, InvalidRequestError
 from standin.experts import HIGH, ExpertRun, ExpertSet, Residency
-from standin.forward_plan import LinearAdapters
+from standin.forward_plan import LOCAL, LinearAdapters
 from standin.guidance import guided_velocity
 from standin.presets import (
     DIT_SHARDS,
@@ -247,6 +247,9 @@ class StandInPipeline:
         self.preset = preset
         self.experts = experts
         self.vace = vace  # the VACE branch of a Wan2.1-VACE model (standin/vace.py), or None
+        # How every DiT call runs; `ForwardPlan(run_block=compiled_blocks())` compiles the blocks
+        # (`standin generate --compile`). Configuration, like the weights: no request state.
+        self.plan = LOCAL
 
     @property
     def device(self) -> torch.device:
@@ -380,7 +383,7 @@ class StandInPipeline:
             if inputs.identity_latents is None:
                 return None
             ident = inputs.identity_latents.to(self.device)
-            return dit.identity_cache(ident, latents.shape, adapters=adapters)
+            return dit.identity_cache(ident, latents.shape, adapters=adapters, plan=self.plan)
 
         schedule = inputs.schedule
         step_cache = make_step_cache(inputs.cache)  # this request's own state (None: off)
@@ -427,11 +430,13 @@ class StandInPipeline:
             if inputs.vace is not None:
                 raise InvalidRequestError("step caching is not available with a control video (VACE)")
             step_cache.begin_step(i, expert.name)
-            call = step_cache.call(expert.model, identity, expert.adapters)
+            call = step_cache.call(expert.model, identity, expert.adapters, base=self.plan)
         elif inputs.vace is None:
-            call = functools.partial(expert.model, identity=identity, adapters=expert.adapters)
+            model, adapters = expert.model, expert.adapters
+            call = functools.partial(model, identity=identity, adapters=adapters, plan=self.plan)
         else:
-            call = vace_call(expert.model, self._vace_branch(), inputs.vace, identity, expert.adapters)
+            vace = self._vace_branch()
+            call = vace_call(expert.model, vace, inputs.vace, identity, expert.adapters, self.plan)
         ctx, neg = inputs.context, inputs.negative_context
         velocity = guided_velocity(call, latents, t, ctx, neg, expert.guidance, inputs.cfg_mode)
         return schedule.step(velocity, i, latents)

@@ -63,3 +63,28 @@ def test_convert_is_a_model_side_command_with_one_line_errors(
     err = capsys.readouterr().err
     assert err.startswith("error: no diffusion_pytorch_model") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # compiles the tiny DiT's blocks once (≈ 20–30 s on one CPU)
+def test_generate_with_compiled_blocks_and_a_named_attention_kernel_makes_the_same_video(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    from standin.attention import configure_attention, configured_setting
+    from standin.video import decode_mp4
+
+    face = Path(__file__).parent / "data" / "faces" / "astronaut.jpg"
+    argv = ["generate", "--prompt", "a person smiles", "--image", str(face), "--width", "32",
+            "--height", "32", "--frames", "5", "--steps", "2", "--device", "cpu"]
+    try:
+        assert model_cli.main([*argv, "-o", str(tmp_path / "default.mp4")]) == 0
+        assert model_cli.main([*argv, "--attention", "sdpa_math", "--compile",
+                               "-o", str(tmp_path / "levers.mp4")]) == 0
+        assert configured_setting() == "sdpa_math"
+    finally:
+        configure_attention(None)
+    default, levers = (decode_mp4((tmp_path / f"{n}.mp4").read_bytes()) for n in ("default", "levers"))
+    assert default.shape == levers.shape == (5, 32, 32, 3)
+    diff = np.abs(default.astype(int) - levers.astype(int))
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
