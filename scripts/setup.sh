@@ -11,7 +11,10 @@ if [ "$have_torch" != "$want_torch" ]; then
   $PY -m pip install --quiet "torch==$want_torch"
 fi
 stamp=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
-if [ "$(cat .setup-stamp 2>/dev/null)" != "$stamp" ] || ! $PY -c 'import standin' 2>/dev/null; then
+# Where the installed package lives, asked from outside the repo (inside it, the working
+# directory would shadow a missing or stale editable install, e.g. one made from another path).
+installed=$(cd / && $PY -c 'import pathlib, serve_app, standin; print(pathlib.Path(standin.__file__).resolve().parents[1])' 2>/dev/null || true)
+if [ "$(cat .setup-stamp 2>/dev/null)" != "$stamp" ] || [ "$installed" != "$(pwd -P)" ]; then
   $PY -m pip install --quiet -c constraints.txt -e '.[dev]'
   echo "$stamp" > .setup-stamp
 fi
