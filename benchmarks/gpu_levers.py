@@ -299,7 +299,7 @@ def _parallel_vae(mesh: Any, vae_config: Any, size: str, device: Any, timer: Tim
     with torch.no_grad():
         single = timer.median(lambda: vae.decode(latents), warmup=1)
         comm.stats.reset()
-        parallel = timer.median(lambda: decode_bands(vae, latents, comm), warmup=1)
+        parallel = timer.median(lambda: decode_bands(vae, latents, comm, root=0), warmup=1)
     return {"ranks": mesh.world_size,
             "decode": _ratio_rows({"one_rank_fp32": single, "all_ranks_fp32": parallel}, "one_rank_fp32"),
             "bytes_sent_per_rank": dict(comm.stats.bytes_sent)}

@@ -195,8 +195,8 @@ def vae_decode_bytes(size: str, ranks: int = 1) -> float:
     """The peak of one video's VAE decode on each of `ranks` ranks (fp32 VAE, decoded one latent
     frame = 4 video frames at a time): weights (73 M decoder params) + about five live
     full-resolution 96-channel activations of 4 frames of the rank's band of rows (1/ranks; the
-    one-row halos are noise) + the decoded video [3, 81, H, W] fp32, which every rank holds once
-    the bands are gathered."""
+    one-row halos are noise) + the decoded video [3, 81, H, W] fp32, which the rank that receives
+    the gathered bands holds (rank 0; the others' peak is lower by that much)."""
     width, height = SIZES[size]
     weights = 73.3e6 * 4
     full_res = 96 * 4 * math.ceil(height / ranks) * width * 4

@@ -164,6 +164,21 @@ class Collectives:
         self.stats.record("all_gather", x.nbytes * (size - 1))
         return torch.stack(chunks)
 
+    def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """x [...] on every world rank → [N, ...] in rank order on global rank `dst`, None on the
+        others (each rank sends its chunk once; only `dst` receives)."""
+        size = self.mesh.world_size
+        if size == 1:
+            return x[None]
+        x = x.contiguous()
+        chunks = [torch.empty_like(x) for _ in range(size)] if self.mesh.rank == dst else None
+        self.gate()
+        with _backend_errors("gather"):
+            dist.gather(x, chunks, dst=dst, group=self.mesh.world_group)
+        if self.mesh.rank != dst:
+            self.stats.record("gather", x.nbytes)
+        return None if chunks is None else torch.stack(chunks)
+
     def ring_shift(self, x: torch.Tensor) -> PendingShift:
         """Send x to the next rank of this rank's ring, receive the previous rank's (async,
         grouped with `batch_isend_irecv`)."""

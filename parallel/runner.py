@@ -9,7 +9,7 @@ Rank 0 calls `generate(request)`; every other rank sits in `serve_forever()`. Pe
 3. one phase per step: CFG passes (sequential, or on the two mesh halves with one exchange),
    Euler step on the replicated latents; the end-of-step agreement carries rank 0's cancel flag;
 4. with `decode`, one more phase: every rank of the world decodes a band of latent rows of the
-   final latents with the VAE (parallel/vae_decode.py) and the bands are gathered.
+   final latents with the VAE (parallel/vae_decode.py) and the bands are gathered to rank 0.
 
 Each phase ends in an agreement: a failure on any rank becomes `RequestFailedError` on every
 rank (with every failing rank's message) and the group serves the next request. A collective
@@ -299,7 +299,7 @@ class SPRunner:
         decoding a band of rows (world ranks: the CFG halves too)."""
         if self.vae is None:
             raise InvalidRequestError(f"rank {self.mesh.rank} has no VAE to decode with")
-        return decode_bands(self.vae, latents, self.comm)
+        return decode_bands(self.vae, latents, self.comm, root=0)  # only rank 0 returns the video
 
     def _step(
         self,

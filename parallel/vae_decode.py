@@ -90,16 +90,25 @@ class BandExchange:
         return _gather_rows(x, self.comm, self.bands, self.index)
 
 
-def _gather_rows(x: torch.Tensor, comm: Collectives, bands: RowBands, index: int) -> torch.Tensor:
-    """Every band's rows (dim -2) on every rank, in band order. Bands are padded to the tallest
-    one for the all-gather (equal shapes) and trimmed after."""
+def _padded(x: torch.Tensor, bands: RowBands, index: int) -> tuple[torch.Tensor, list[int]]:
+    """Band `index`'s rows (dim -2) padded to the tallest band's (collectives need equal shapes),
+    and every band's height at x's scale."""
     scale, rest = divmod(x.shape[-2], bands.sizes[index])
     if rest:
         raise ValueError(f"{x.shape[-2]} rows are no multiple of the band's {bands.sizes[index]} latent rows")
     heights = [n * scale for n in bands.sizes]
-    padded = F.pad(x, (0, 0, 0, max(heights) - x.shape[-2]))
-    chunks = comm.all_gather(padded, comm.mesh.world_group, bands.bands)
+    return F.pad(x, (0, 0, 0, max(heights) - x.shape[-2])), heights
+
+
+def _joined(chunks: torch.Tensor, heights: list[int]) -> torch.Tensor:
+    """[N, ..., tallest, W] padded bands → their rows, trimmed and stacked in band order."""
     return torch.cat([chunk[..., :h, :] for chunk, h in zip(chunks, heights, strict=True)], dim=-2)
+
+
+def _gather_rows(x: torch.Tensor, comm: Collectives, bands: RowBands, index: int) -> torch.Tensor:
+    """Every band's rows (dim -2) on every rank, in band order."""
+    padded, heights = _padded(x, bands, index)
+    return _joined(comm.all_gather(padded, comm.mesh.world_group, bands.bands), heights)
 
 
 def gather_bands(band: torch.Tensor, comm: Collectives, bands: RowBands) -> torch.Tensor:
@@ -108,16 +117,33 @@ def gather_bands(band: torch.Tensor, comm: Collectives, bands: RowBands) -> torc
     return _gather_rows(band, comm, bands, comm.mesh.rank)
 
 
-@torch.no_grad()
-def decode_bands(vae: WanVAE, latents: torch.Tensor, comm: Collectives, gather: bool = True) -> torch.Tensor:
-    """latents: [B, 16, T, h, w] normalized, the same on every rank of `comm`'s world →
-    video [B, 3, 1 + 4(T-1), 8h, 8w] float32 in [-1, 1] (gather=True, on every rank) or this
-    rank's band of 8·h_i pixel rows of it (gather=False; `RowBands(h, world).bounds(rank)`).
+def gather_bands_to(band: torch.Tensor, comm: Collectives, bands: RowBands, root: int) -> torch.Tensor:
+    """Like `gather_bands`, but only global rank `root` receives the whole video (each band is
+    sent once, and no other rank holds a copy); the others get their own band back."""
+    padded, heights = _padded(band, bands, comm.mesh.rank)
+    chunks = comm.gather(padded, root)
+    return band if chunks is None else _joined(chunks, heights)
 
-    Every rank of the world must call this with the same latents shape. Raises
+
+@torch.no_grad()
+def decode_bands(
+    vae: WanVAE,
+    latents: torch.Tensor,
+    comm: Collectives,
+    gather: bool = True,
+    root: int | None = None,
+) -> torch.Tensor:
+    """latents: [B, 16, T, h, w] normalized, the same on every rank of `comm`'s world →
+    video [B, 3, 1 + 4(T-1), 8h, 8w] float32 in [-1, 1] (gather=True: on every rank, or with
+    `root` only on that global rank) or this rank's band of 8·h_i pixel rows of it (gather=False,
+    and on the ranks other than `root`; `RowBands(h, world).bounds(rank)`).
+
+    Every rank of the world must call this with the same latents shape and arguments. Raises
     InvalidRequestError when h < world size.
     """
     bands = RowBands(latents.shape[-2], comm.mesh.world_size)
     start, stop = bands.bounds(comm.mesh.rank)
     band = vae.decode_frames(latents[..., start:stop, :], split=BandExchange(comm, bands))
-    return gather_bands(band, comm, bands) if gather else band
+    if not gather:
+        return band
+    return gather_bands(band, comm, bands) if root is None else gather_bands_to(band, comm, bands, root)

@@ -106,12 +106,19 @@ def _decode_scenarios(world: int, comm) -> dict:
         bands = RowBands(rows, world)
         start, stop = bands.bounds(comm.mesh.rank)
         band = decode_bands(vae, z, comm, gather=False)
+        comm.stats.reset()
+        at_root = decode_bands(vae, z, comm, root=0)  # the runner's way: only rank 0 receives
+        root_calls, root_sent = dict(comm.stats.calls), dict(comm.stats.bytes_sent)
         local = vae.decode_frames(z[..., start:stop, :], split=_band_local_attention(comm, bands))
         out[f"rows{rows}"] = {
             "shape": list(video.shape),
             "ref_shape": list(ref.shape),
             "rel": _rel(video, ref),
             "band_rel": _rel(band, ref[..., start * 8 : stop * 8, :]),
+            "root_rel": _rel(at_root, ref if comm.mesh.rank == 0 else ref[..., start * 8 : stop * 8, :]),
+            "root_shape": list(at_root.shape),
+            "root_gather_calls": root_calls.get("gather", 0),
+            "root_gather_bytes": root_sent.get("gather", 0),
             "band_rows": band.shape[-2],
             "local_attention_rel": _rel(local, ref[..., start * 8 : stop * 8, :]),
             "halo_calls": calls["neighbour_exchange"],
@@ -224,6 +231,20 @@ def test_parallel_decode_matches_single_process(world):
             case = res["decode"][f"rows{rows}"]
             assert case["shape"] == case["ref_shape"] == [2, 3, 1 + 4 * (FRAMES - 1), 8 * rows, 8 * WIDTH]
             assert case["rel"] <= TOLERANCE, (rows, rank, case["rel"])
+
+
+@pytest.mark.slow
+def test_gathering_to_one_rank_gives_it_the_video_and_the_others_only_their_band(world):
+    n = len(world)
+    for rows in (2 * n + 1, n):
+        for rank, res in enumerate(world):
+            case = res["decode"][f"rows{rows}"]
+            assert case["root_rel"] <= TOLERANCE, (rows, rank, case["root_rel"])
+            if rank == 0:
+                assert case["root_shape"] == case["ref_shape"] and case["root_gather_bytes"] == 0
+            else:  # one send of its (padded) band, nothing received
+                assert case["root_shape"][-2] == case["band_rows"]
+                assert case["root_gather_calls"] == 1 and case["root_gather_bytes"] > 0
 
 
 @pytest.mark.slow
