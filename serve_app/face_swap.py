@@ -37,7 +37,7 @@ from standin.face_swap_request import (
 from standin.image_io import decode_image
 from standin.pipeline import GenerationParams
 from standin.vae import WanVAE
-from standin.video_input import VideoHeader, VideoLimits, largest_4k_plus_1, probe_video
+from standin.video_input import FramesShape, VideoHeader, VideoLimits, largest_4k_plus_1, probe_video
 
 __all__ = [
     "VIDEO_FIELDS",
@@ -65,6 +65,20 @@ def video_limits(settings: ServeSettings) -> VideoLimits:
         max_pixels_per_frame=settings.max_video_pixels_per_frame,
         max_total_pixels=settings.max_video_total_pixels,
     )
+
+
+def check_generated_size(what: str, video: FramesShape, settings: ServeSettings) -> None:
+    """An uploaded video decides the output's size and frames: they must be ones this server
+    generates (max_frames, max_width, max_height). Raises InvalidVideoError naming `what`."""
+    if video.num_frames > settings.max_frames:
+        raise InvalidVideoError(
+            f"{what} gives {video.num_frames} frames; this server generates at most {settings.max_frames}"
+        )
+    if video.width > settings.max_width or video.height > settings.max_height:
+        raise InvalidVideoError(
+            f"{what} is {video.width}x{video.height} after cropping; this server generates at "
+            f"most {settings.max_width}x{settings.max_height}"
+        )
 
 
 @dataclass(frozen=True)
@@ -139,16 +153,7 @@ def encode_face_swap(
     limits = video_limits(settings)
     photo = decode_image(image, faces.config.limits)
     prepared, _ = prepare_face_swap(video, photo, faces, mask, limits)
-    if prepared.num_frames > settings.max_frames:
-        raise InvalidVideoError(
-            f"the video gives {prepared.num_frames} frames; "
-            f"this server generates at most {settings.max_frames}"
-        )
-    if prepared.width > settings.max_width or prepared.height > settings.max_height:
-        raise InvalidVideoError(
-            f"the video is {prepared.width}x{prepared.height} after cropping; this server generates at "
-            f"most {settings.max_width}x{settings.max_height}"
-        )
+    check_generated_size("the video", prepared, settings)
     swap_params = face_swap_params(params, prepared)
     lat = face_swap_latents(vae, swap_params, options, prepared, device)
     return {

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from serve_app.api import APIError
-from serve_app.face_swap import VideoUpload, check_video_upload, video_limits
+from serve_app.face_swap import VideoUpload, check_generated_size, check_video_upload, video_limits
 from serve_app.settings import ServeSettings
-from standin.errors import InvalidImageError, InvalidVideoError
+from standin.errors import InvalidImageError
 from standin.image_io import decode_image
 from standin.pipeline import GenerationParams
 from standin.vace_conditioning import control_from_bytes, control_noise, encode_control
@@ -87,16 +87,7 @@ def encode_control_request(
     """
     limits = video_limits(settings)
     ctrl = control_from_bytes(control["video"], control.get("mask"), control.get("first_frame"), limits)
-    if ctrl.num_frames > settings.max_frames:
-        raise InvalidVideoError(
-            f"the control video gives {ctrl.num_frames} frames; "
-            f"this server generates at most {settings.max_frames}"
-        )
-    if ctrl.width > settings.max_width or ctrl.height > settings.max_height:
-        raise InvalidVideoError(
-            f"the control video is {ctrl.width}x{ctrl.height} after cropping; this server generates at "
-            f"most {settings.max_width}x{settings.max_height}"
-        )
+    check_generated_size("the control video", ctrl, settings)
     return {
         "context": encode_control(vae, ctrl, device).float().cpu(),
         "first_frame": ctrl.first_frame is not None,

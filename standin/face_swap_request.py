@@ -55,7 +55,7 @@ from standin.sdedit import (
     sdedit_start_latents,
 )
 from standin.vae import WanVAE
-from standin.video_input import VideoLimits, crop_to_multiple, decode_video, shape_for_wan
+from standin.video_input import FramesShape, VideoLimits, crop_to_multiple, decode_video, shape_for_wan
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class FaceSwapOptions:
 
 
 @dataclass(frozen=True)
-class FaceSwapVideo:
+class FaceSwapVideo(FramesShape):
     """The input video, prepared for SDEdit.
 
     Attributes:
@@ -120,18 +120,6 @@ class FaceSwapVideo:
     fps: float
     mask_source: MaskSource
     paths: tuple[str, ...]
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.frames.shape[0])
-
-    @property
-    def height(self) -> int:
-        return int(self.frames.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.frames.shape[2])
 
 
 def landmark_detector_for(preprocessor: FacePreprocessor) -> LandmarkDetector | None:

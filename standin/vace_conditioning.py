@@ -28,7 +28,7 @@ from PIL import Image
 from standin.errors import InvalidImageError, InvalidRequestError, InvalidVideoError
 from standin.image_io import WHITE, decode_image, resize_area, to_rgb
 from standin.vae import WanVAE
-from standin.video_input import VideoLimits, decode_video, shape_for_wan
+from standin.video_input import FramesShape, VideoLimits, decode_video, shape_for_wan
 
 __all__ = [
     "ControlVideo",
@@ -44,7 +44,7 @@ MASK_BLOCK = 8  # pixels per latent pixel: the VAE's spatial factor
 
 
 @dataclass(frozen=True)
-class ControlVideo:
+class ControlVideo(FramesShape):
     """A request's control input, already shaped for Wan.
 
     frames: uint8 [F, H, W, 3] with F = 4k+1 and H, W multiples of 16;
@@ -55,18 +55,6 @@ class ControlVideo:
     frames: np.ndarray
     mask: np.ndarray | None = None
     first_frame: np.ndarray | None = None
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.frames.shape[0])
-
-    @property
-    def height(self) -> int:
-        return int(self.frames.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.frames.shape[2])
 
     @property
     def latent_frames(self) -> int:

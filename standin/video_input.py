@@ -91,8 +91,26 @@ class VideoLimits:
     min_side: int = 16
 
 
+class FramesShape:
+    """`num_frames`, `height` and `width` of a `frames` array shaped [F, H, W, ...]."""
+
+    frames: np.ndarray
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.frames.shape[2])
+
+
 @dataclass(frozen=True)
-class DecodedVideo:
+class DecodedVideo(FramesShape):
     """A decoded upload.
 
     Attributes:
@@ -112,10 +130,6 @@ class DecodedVideo:
     mirrored: bool
     container: str
     codec: str
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.frames.shape[0])
 
     @property
     def duration_s(self) -> float:
