@@ -9,7 +9,6 @@ at 12 fps → 32×32, 9 frames, 12 fps), its subject mask, and another glyph's r
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,27 +16,17 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from standin.training.synthetic import render_clip, render_reference
 from standin.training.tiny_recipe import tiny_identities
-from standin.video import encode_mp4, read_mp4_info
-from tests.serving import wait_done
+from standin.video import read_mp4_info
+from tests.serving import deployed_app, mp4_bytes, png_bytes, wait_done
 
 pytestmark = pytest.mark.slow
 
 PREFIX = "/faceswap"
 MAX_VIDEO_BYTES = 200_000
 
-
-def _mp4(frames: np.ndarray, fps: float = 12.0) -> bytes:
-    return encode_mp4(np.ascontiguousarray(frames), fps=fps, crf=0, preset="ultrafast")
-
-
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +36,15 @@ def uploads() -> dict[str, bytes]:
     order = [0, 1, 2, 3, 4, 4, 3, 2, 1, 0]
     frames = clip.video[order][:, 5:41, 4:44]
     masks = np.repeat((clip.mask[order][:, 5:41, 4:44].astype(np.uint8) * 255)[..., None], 3, axis=-1)
-    video = _mp4(frames)
+    video = mp4_bytes(frames)
     corrupt = bytearray(video)
     mdat = corrupt.index(b"mdat")
     size = int.from_bytes(corrupt[mdat - 4 : mdat], "big")
     corrupt[mdat + 4 : mdat - 4 + size] = bytes(size - 8)  # the header stays valid, the frames do not
     return {
         "video": video,
-        "mask": _mp4(masks),
-        "face": _png(render_reference(held[1], 64)),
+        "mask": mp4_bytes(masks),
+        "face": png_bytes(render_reference(held[1], 64)),
         "corrupt": bytes(corrupt),
     }
 
@@ -67,11 +56,9 @@ def state(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ray_serve: str, state: Path) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    app = build_app(
+    with deployed_app(
+        "faceswap",
+        PREFIX,
         {
             "sp_degree": 2,
             "state_dir": str(state),
@@ -80,11 +67,9 @@ def server(ray_serve: str, state: Path) -> Iterator[str]:
             "max_frames": 17,
             "max_width": 64,
             "max_height": 64,
-        }
-    )
-    serve.run(app, name="faceswap", route_prefix=PREFIX)
-    yield ray_serve
-    serve.delete("faceswap")  # the session's cluster is shared by every Serve test module
+        },
+    ):
+        yield ray_serve
 
 
 @pytest.fixture
@@ -176,7 +161,7 @@ def test_bad_face_swap_requests_are_refused_at_submission(client, uploads):
     big = np.random.default_rng(0).integers(0, 255, (40, 64, 64, 3), dtype=np.uint8)
     files = {
         "input_reference": ("face.png", uploads["face"], "image/png"),
-        "input_video": ("big.mp4", _mp4(big), "video/mp4"),
+        "input_video": ("big.mp4", mp4_bytes(big), "video/mp4"),
     }
     assert len(files["input_video"][1]) > MAX_VIDEO_BYTES
     err = _error(client.post("/v1/videos", data=BASE, files=files), 413)

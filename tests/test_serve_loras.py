@@ -24,7 +24,7 @@ import httpx
 import pytest
 import torch
 
-from tests.serving import wait_done
+from tests.serving import deployed_app, wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -68,11 +68,9 @@ def lora_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ray_serve: str, lora_dir: Path, tmp_path_factory) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    app = build_app(
+    with deployed_app(
+        "loras",
+        PREFIX,
         {
             "sp_degree": 2,
             "worker_num_cpus": 0.1,
@@ -85,10 +83,8 @@ def server(ray_serve: str, lora_dir: Path, tmp_path_factory) -> Iterator[str]:
             "max_height": 64,
         },
         deployments=[{"name": "DiTReplica", "num_replicas": 2}],
-    )
-    serve.run(app, name="loras", route_prefix=PREFIX)
-    yield ray_serve
-    serve.delete("loras")  # the session's cluster is shared by every Serve test module
+    ):
+        yield ray_serve
 
 
 @pytest.fixture

@@ -9,32 +9,21 @@ The control video is a held-out glyph's silhouette track (white on black, 40×36
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from standin.training.synthetic import render_clip, render_reference
 from standin.training.tiny_recipe import tiny_identities
-from standin.video import encode_mp4, read_mp4_info
-from tests.serving import wait_done
+from standin.video import read_mp4_info
+from tests.serving import deployed_app, mp4_bytes, png_bytes, wait_done
 
 PREFIX = "/vace"
 MAX_VIDEO_BYTES = 200_000
 
-
-def _mp4(frames: np.ndarray, fps: float = 12.0) -> bytes:
-    return encode_mp4(np.ascontiguousarray(frames), fps=fps, crf=0, preset="ultrafast")
-
-
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +33,9 @@ def uploads() -> dict[str, bytes]:
     order = [0, 1, 2, 3, 4, 4, 3, 2, 1, 0]
     silhouette = np.repeat((clip.mask[order][:, 5:41, 4:44].astype(np.uint8) * 255)[..., None], 3, axis=-1)
     return {
-        "control": _mp4(silhouette),
-        "face": _png(render_reference(held[0], 64)),
-        "first": _png(np.full((20, 30, 3), 90, np.uint8)),
+        "control": mp4_bytes(silhouette),
+        "face": png_bytes(render_reference(held[0], 64)),
+        "first": png_bytes(np.full((20, 30, 3), 90, np.uint8)),
     }
 
 
@@ -57,11 +46,9 @@ def state(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ray_serve: str, state: Path) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    app = build_app(
+    with deployed_app(
+        "vace",
+        PREFIX,
         {
             "sp_degree": 2,
             "state_dir": str(state),
@@ -70,11 +57,9 @@ def server(ray_serve: str, state: Path) -> Iterator[str]:
             "max_frames": 17,
             "max_width": 64,
             "max_height": 64,
-        }
-    )
-    serve.run(app, name="vace", route_prefix=PREFIX)
-    yield ray_serve
-    serve.delete("vace")  # the session's cluster is shared by every Serve test module
+        },
+    ):
+        yield ray_serve
 
 
 @pytest.fixture
@@ -146,7 +131,7 @@ def test_bad_control_input_is_a_clean_4xx(client, uploads):
         err = r.json()["error"]
         assert err["param"] == param and "Traceback" not in err["message"]
     big = np.random.default_rng(0).integers(0, 255, (40, 64, 64, 3), dtype=np.uint8)
-    files = {"control_video": ("big.mp4", _mp4(big), "video/mp4")}
+    files = {"control_video": ("big.mp4", mp4_bytes(big), "video/mp4")}
     r = client.post("/v1/videos", data=BASE, files=files)
     assert r.status_code == 413 and r.json()["error"]["param"] == "control_video"
 
